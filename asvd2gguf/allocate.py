@@ -1,0 +1,164 @@
+"""Rank allocation: given each linear's loss-vs-rank curve, meet a parameter (and KV) budget.
+
+`lagrange` (default) minimises the summed predicted loss increase: for a price lambda per
+parameter (and mu per latent-KV channel) every linear independently takes the option with the
+lowest cost + lambda * params + mu * width; bisection on the prices meets the budgets, and a
+greedy pass spends what the convex hull leaves unused.
+
+`strs` is the ASVD paper's Algorithm 1: sort all (linear, option) pairs by their sensitivity,
+binary-search a threshold, and give every linear its smallest option under it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+ALLOCATIONS = ("lagrange", "strs")
+
+
+@dataclass
+class Options:
+    """The choices for one linear; rank 0 means dense."""
+
+    name: str
+    ranks: np.ndarray
+    params: np.ndarray
+    width: np.ndarray  # latent-KV channels this choice puts in the cache (0 if not K/V)
+    cost: np.ndarray  # predicted loss increase
+
+    def __post_init__(self):
+        order = np.argsort(self.params, kind="stable")
+        for f in ("ranks", "params", "width", "cost"):
+            setattr(self, f, np.asarray(getattr(self, f))[order])
+
+
+@dataclass
+class Allocation:
+    choice: list[int]  # index into each Options
+    params: int
+    width: int
+    cost: float
+
+
+class Unreachable(Exception):
+    """The budget is below the smallest model the options allow; carries what is reachable."""
+
+    def __init__(self, min_params: int, min_width: int):
+        super().__init__(min_params, min_width)
+        self.min_params = min_params
+        self.min_width = min_width
+
+
+def _minimum(opts) -> tuple[int, int]:
+    return sum(int(o.params.min()) for o in opts), sum(int(o.width.min()) for o in opts)
+
+
+def _check_reachable(opts, max_params, max_width) -> None:
+    min_p, min_w = _minimum(opts)
+    if min_p > max_params or min_w > max_width:
+        raise Unreachable(min_p, min_w)
+
+
+def _pick(opts: list[Options], lam: float, mu: float) -> list[int]:
+    return [int(np.argmin(o.cost + lam * o.params + mu * o.width)) for o in opts]
+
+
+def _total(opts, choice):
+    p = sum(int(o.params[c]) for o, c in zip(opts, choice))
+    w = sum(int(o.width[c]) for o, c in zip(opts, choice))
+    cost = sum(float(o.cost[c]) for o, c in zip(opts, choice))
+    return p, w, cost
+
+
+def _bisect_price(fn, feasible, iters: int = 60) -> float:
+    """Smallest price in [0, inf) whose solution is feasible (price scanned geometrically)."""
+    if feasible(fn(0.0)):
+        return 0.0
+    hi = 1e-12
+    while not feasible(fn(hi)):
+        hi *= 10
+        if hi > 1e30:
+            return hi
+    lo = hi / 10 if hi > 1e-12 else 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if feasible(fn(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _greedy_fill(opts, choice, max_params, max_width):
+    """Spend the budget the Lagrangian left: best loss reduction per parameter first."""
+    p, w, _ = _total(opts, choice)
+    while True:
+        best = None
+        for i, (o, c) in enumerate(zip(opts, choice)):
+            for c2 in range(len(o.params)):
+                dp = int(o.params[c2] - o.params[c])
+                dw = int(o.width[c2] - o.width[c])
+                gain = float(o.cost[c] - o.cost[c2])
+                if gain <= 0 or p + dp > max_params or w + dw > max_width:
+                    continue
+                score = gain / max(dp, 1)
+                if best is None or score > best[0]:
+                    best = (score, i, c2, dp, dw)
+        if best is None:
+            return choice
+        _, i, c2, dp, dw = best
+        choice[i] = c2
+        p += dp
+        w += dw
+
+
+def lagrange(opts: list[Options], max_params: int, max_width: int) -> Allocation:
+    _check_reachable(opts, max_params, max_width)
+
+    def solve_mu(mu):
+        lam = _bisect_price(lambda la: _total(opts, _pick(opts, la, mu)), lambda t: t[0] <= max_params)
+        return _pick(opts, lam, mu)
+
+    mu = _bisect_price(lambda m: _total(opts, solve_mu(m)), lambda t: t[1] <= max_width)
+    choice = _greedy_fill(opts, solve_mu(mu), max_params, max_width)
+    return Allocation(choice, *_total(opts, choice))
+
+
+def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
+    """The paper's threshold search: every linear takes its smallest option with cost <= t.
+
+    The model shrinks as t grows, so binary-search the smallest t that fits the budgets.
+    """
+    _check_reachable(opts, max_params, max_width)
+    thresholds = np.unique(np.concatenate([o.cost for o in opts]))
+
+    def at(t):
+        return [int(np.nonzero(o.cost <= t)[0][0]) for o in opts]
+
+    def fits(i):
+        p, w, _ = _total(opts, at(thresholds[i]))
+        return p <= max_params and w <= max_width
+
+    lo, hi = 0, len(thresholds) - 1
+    if not fits(hi):
+        raise Unreachable(*_minimum(opts))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    choice = at(thresholds[lo])
+    return Allocation(choice, *_total(opts, choice))
+
+
+def allocate(opts: list[Options], max_params: int, max_width: int, method: str = "lagrange") -> Allocation:
+    if method == "lagrange":
+        return lagrange(opts, max_params, max_width)
+    if method == "strs":
+        return strs(opts, max_params, max_width)
+    raise UserError(f"unknown allocation '{method}'; use one of {', '.join(ALLOCATIONS)}")

@@ -1,0 +1,89 @@
+"""Per-linear analysis: the factorization (kept up to the largest useful rank) and its
+predicted loss-vs-rank curves, cached on disk one linear per file.
+
+A second `convert` with another --ratio or --kv reads these files and skips calibration,
+factorization and sensitivity altogether.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cache
+from .arch import KV_KEYS, LINEARS, get_module
+from .calibrate import LayerStats
+from .decompose import Factorization, break_even_rank, factorize
+from .sensitivity import tail_curve
+
+
+@dataclass
+class LinearInfo:
+    layer: int
+    key: str
+    m: int  # n_out
+    n: int  # n_in
+    curves: dict[str, np.ndarray]  # sensitivity kind -> loss increase for ranks 0..p
+    note: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"blk.{self.layer}.{self.key}"
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.m, self.n)
+
+
+def kept_rank(key: str, m: int, n: int) -> int:
+    """Rank up to which factors are worth keeping: break-even, or full width for K/V latents."""
+    return min(m, n) if key in KV_KEYS else min(min(m, n), break_even_rank(m, n))
+
+
+class AnalysisStore:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, layer: int, key: str) -> Path:
+        return self.root / f"L{layer:03d}.{key}.pt"
+
+    def has(self, layer: int, key: str) -> bool:
+        return self.path(layer, key).is_file()
+
+    def complete(self, n_layer: int) -> bool:
+        return all(self.has(i, s.key) for i in range(n_layer) for s in LINEARS)
+
+    def compute_layer(self, model_layer, i: int, stats: LayerStats, method: str, alpha: float, scaling: str, device) -> None:
+        for spec in LINEARS:
+            if self.has(i, spec.key):
+                continue
+            w = get_module(model_layer, spec.module).weight.detach().to(device)
+            absstat = (stats.abs_mean if scaling == "abs_mean" else stats.abs_max)[spec.group]
+            gx = stats.gram[spec.group].to(device)
+            f = factorize(w, method, abs_stat=absstat, alpha=alpha, gram=gx)
+            gg = stats.out_gram.get(spec.key)
+            curves = {"error": tail_curve(f, gx, None)}
+            if gg is not None:
+                curves["fisher"] = tail_curve(f, gx, gg.to(device))
+            r = kept_rank(spec.key, *w.shape)
+            entry = {
+                "U": f.U[:, :r].cpu().contiguous(),
+                "s": f.s.cpu(),
+                "Vt": f.Vt[:r].cpu().contiguous(),
+                "curves": {k: torch.from_numpy(v) for k, v in curves.items()},
+                "shape": list(w.shape),
+                "note": f.fell_back,
+            }
+            cache.save(entry, self.path(i, spec.key))
+
+    def info(self, layer: int, key: str) -> LinearInfo:
+        e = cache.load(self.path(layer, key))
+        m, n = e["shape"]
+        return LinearInfo(layer, key, m, n, {k: v.numpy() for k, v in e["curves"].items()}, e["note"])
+
+    def factorization(self, layer: int, key: str) -> Factorization:
+        e = cache.load(self.path(layer, key))
+        return Factorization(e["U"], e["s"], e["Vt"], e["note"])

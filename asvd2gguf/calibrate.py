@@ -1,0 +1,148 @@
+"""Activation statistics per block linear, collected block by block.
+
+Per input group (linears reading the same input share it): mean |x| and max |x| per channel
+(ASVD's scaling) and the Gram X^T X / T (whitening). With `fisher=True` a block-wise backward
+pass adds, per linear, the output-gradient Gram G^T G / T: the second Kronecker factor of the
+K-FAC Fisher, which turns a truncation into a predicted loss increase without re-running the
+model (see sensitivity.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .arch import LINEARS, get_module
+from .blocks import BlockRunner
+
+GROUP_HEAD = {}
+for _s in LINEARS:
+    GROUP_HEAD.setdefault(_s.group, _s)
+
+
+@dataclass
+class LayerStats:
+    abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
+    abs_max: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) float64, / T
+    out_gram: dict[str, torch.Tensor] = field(default_factory=dict)  # linear key -> (m, m) float64, / T
+
+    def to_dict(self) -> dict:
+        return {"abs_mean": self.abs_mean, "abs_max": self.abs_max, "gram": self.gram, "out_gram": self.out_gram}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerStats:
+        return cls(**d)
+
+
+@dataclass
+class Calibration:
+    tokens: torch.Tensor  # (N, T)
+    hidden: list[torch.Tensor]  # input of each block, plus the final hidden state
+    layers: list[LayerStats]
+    base_loss: float
+
+
+class _Acc:
+    def __init__(self, device):
+        self.sum_abs = None
+        self.max_abs = None
+        self.gram = None
+        self.count = 0
+        self.device = device
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float64)
+        a = x.abs()
+        if self.sum_abs is None:
+            self.sum_abs = a.sum(0)
+            self.max_abs = a.amax(0)
+            self.gram = x.T @ x
+        else:
+            self.sum_abs += a.sum(0)
+            self.max_abs = torch.maximum(self.max_abs, a.amax(0))
+            self.gram += x.T @ x
+        self.count += x.shape[0]
+
+
+def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, progress=None) -> Calibration:
+    """One forward pass for statistics (and a backward one for the Fisher factors)."""
+    hidden = [runner.embed(tokens)]
+    stats: list[LayerStats] = []
+    n_layer = len(runner.layers)
+    task = progress.add_task("calibrating", total=n_layer * (2 if fisher else 1)) if progress else None
+    for i, layer in enumerate(runner.layers):
+        accs = {g: _Acc(runner.device) for g in GROUP_HEAD}
+        handles = [
+            get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
+            for g, spec in GROUP_HEAD.items()
+        ]
+        try:
+            hidden.append(runner.run_block(i, hidden[-1]))
+        finally:
+            for h in handles:
+                h.remove()
+        st = LayerStats()
+        for g, a in accs.items():
+            st.abs_mean[g] = (a.sum_abs / a.count).float().cpu()
+            st.abs_max[g] = a.max_abs.float().cpu()
+            st.gram[g] = (a.gram / a.count).cpu()
+        stats.append(st)
+        if progress:
+            progress.advance(task)
+    base_loss = float(runner.loss(hidden[-1], tokens).mean())
+    if fisher:
+        _fisher_backward(runner, tokens, hidden, stats, progress, task)
+    return Calibration(tokens, hidden, stats, base_loss)
+
+
+def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task) -> None:
+    """Back-propagate the summed token loss block by block, keeping one block's graph at a time."""
+    dev = runner.device
+    n_tok = tokens.shape[0] * tokens.shape[1]
+    grad = torch.empty_like(hidden[-1])
+    with runner.on_device(runner.inner.norm), runner.on_device(runner.model.lm_head):
+        for sl in runner._slices(tokens.shape[0]):
+            h = hidden[-1][sl].to(dev).requires_grad_(True)
+            with torch.enable_grad():
+                logits = runner.head_logits(h).float()
+                tgt = tokens[sl].to(dev)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")
+                (g,) = torch.autograd.grad(loss, h)
+            grad[sl] = g.cpu()
+    pe_cache = None
+    for i in reversed(range(len(runner.layers))):
+        layer = runner.layers[i]
+        acc: dict[str, torch.Tensor] = {}
+
+        def out_hook(key):
+            def fwd(_m, _a, out):
+                def bwd(g):
+                    g2 = g.reshape(-1, g.shape[-1]).to(torch.float64)
+                    acc[key] = acc.get(key, 0) + g2.T @ g2
+
+                out.register_hook(bwd)
+
+            return fwd
+
+        handles = [get_module(layer, s.module).register_forward_hook(out_hook(s.key)) for s in LINEARS]
+        new_grad = torch.empty_like(grad)
+        pe_cache = runner.position_embeddings(tokens.shape[1])
+        try:
+            with runner.on_device(layer):
+                for sl in runner._slices(tokens.shape[0]):
+                    h = hidden[i][sl].to(dev).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = layer(h, attention_mask=None, position_embeddings=pe_cache)
+                        (gi,) = torch.autograd.grad(out, h, grad_outputs=grad[sl].to(dev))
+                    new_grad[sl] = gi.cpu()
+        finally:
+            for hd in handles:
+                hd.remove()
+        for key, a in acc.items():
+            stats[i].out_gram[key] = (a / n_tok).cpu()
+        grad = new_grad
+        if progress:
+            progress.advance(task)

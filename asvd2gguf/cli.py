@@ -1,0 +1,204 @@
+"""Command line: parses options and calls the pipeline; no logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress causal LMs by activation-aware SVD and write factored GGUF files for llama.cpp.")
+console = Console(stderr=True)
+out_console = Console()
+
+DEFAULT_CACHE = Path(os.environ.get("ASVD2GGUF_CACHE", Path.home() / ".cache" / "asvd2gguf"))
+
+
+@contextmanager
+def progress_bar():
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as p:
+        yield p
+
+
+def fail(msg: str, code: int = 1):
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Hugging Face folder, hub id, .gguf file, or 'smollm2' (embedded default)."),
+    ratio: Optional[float] = typer.Option(None, help="Parameters kept in the 7 block linears of every layer / dense "
+                                          "count (embeddings, norms and output head not counted). Default 0.9."),
+    ppl_target: Optional[float] = typer.Option(None, help="Instead of --ratio: smallest model whose calibration "
+                                               "perplexity stays under this value."),
+    kv: Optional[float] = typer.Option(None, help="Latent KV width kept: sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
+    out: Optional[Path] = typer.Option(None, help="Output .gguf (default: derived from model and options)."),
+    force: bool = typer.Option(False, help="Overwrite an existing output."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text file, or 'selfgen' (default: "
+                                        "../shared/data/wikitext-2/wiki.valid.tokens if present, else selfgen)."),
+    calib_samples: int = typer.Option(32, help="Calibration windows."),
+    calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+    seed: int = typer.Option(233, help="Seed for calibration windows."),
+    method: str = typer.Option("asvd", help="asvd | svd | whiten"),
+    scaling: str = typer.Option("abs_mean", help="abs_mean | abs_max (ASVD activation statistic)."),
+    alpha: float = typer.Option(0.5, help="ASVD scaling exponent."),
+    rank_align: int = typer.Option(32, help="Ranks are multiples of this (32 keeps quantized factors and caches valid)."),
+    sensitivity: str = typer.Option("fisher", help="fisher (K-FAC prediction) | ppl (exact sweep) | error."),
+    sweep_samples: int = typer.Option(4, help="Calibration windows used by --sensitivity ppl."),
+    allocation: str = typer.Option("lagrange", help="lagrange | strs (the paper's threshold search)."),
+    outtype: str = typer.Option("f16", help="f32 | f16 | bf16 for factors and dense tensors."),
+    dense: bool = typer.Option(False, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for models, statistics and sensitivities."),
+):
+    """Compress MODEL and write a factored GGUF."""
+    from .convert import ConvertConfig
+    from .convert import convert as run
+
+    cfg = ConvertConfig(model=model, out=out, force=force, ratio=ratio, ppl_target=ppl_target, kv=kv, calib=calib,
+                        calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, method=method,
+                        scaling=scaling, alpha=alpha, rank_align=rank_align, sensitivity=sensitivity,
+                        sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, dense=dense,
+                        device=device, cache_dir=cache_dir)
+    with progress_bar() as p:
+        res = run(cfg, console, p)
+    for f in res.fallbacks:
+        console.print(f"[yellow]warning:[/] non-finite factors in {f}: written dense (or exact latent) instead")
+    console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
+                  f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
+    out_console.print(f"wrote {res.out}", highlight=False)
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or any llama-family GGUF).")):
+    """Per-layer ranks, parameter ratio, KV ratio and asvd.* metadata of a GGUF."""
+    from .arch import LINEARS
+    from .gguf_read import describe_gguf
+
+    info = describe_gguf(file)
+    t = Table(title=f"{file.name}: {info.arch}, {info.n_layer} layers (0 = dense)")
+    t.add_column("layer", justify="right")
+    for s in LINEARS:
+        m, n = info.shapes[s.key]
+        t.add_column(f"{s.gguf}\n{m}x{n}", justify="right")
+    for i in range(info.n_layer):
+        t.add_row(str(i), *[str(info.ranks[s.key][i]) for s in LINEARS])
+    out_console.print(t)
+    for k, v in sorted(info.meta.items()):
+        if not k.startswith("asvd.rank."):
+            out_console.print(f"{k} = {v}", highlight=False)
+    out_console.print(f"block-linear ratio (from tensors) = {info.ratio():.4f}", highlight=False)
+    out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
+
+
+@app.command()
+def ppl(
+    model: str = typer.Argument(..., help="A GGUF (factored or not), Hugging Face folder, or 'smollm2'."),
+    text: Path = typer.Option(..., help="Plain-text file to score."),
+    ctx: int = typer.Option(512, help="Tokens per window."),
+    chunks: Optional[int] = typer.Option(None, help="Score only the first N windows."),
+    batch: int = typer.Option(4, help="Windows per forward pass."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for dequantized source models."),
+):
+    """Torch-side perplexity over non-overlapping windows; ends with 'PPL = <value>'."""
+    from .perplexity import perplexity
+    from .source import EMBEDDED, load_source
+    from .text import eval_windows
+
+    if ctx < 2:
+        fail("--ctx must be at least 2")
+    if model.endswith(".gguf") and Path(model).is_file() and _is_factored_or_ours(Path(model)):
+        from .gguf_read import load_gguf_model
+
+        m, tok, _ = load_gguf_model(Path(model))
+    elif model in EMBEDDED or Path(model).exists() or model.count("/") == 1:
+        src = load_source(model, cache_dir)
+        m, tok = src.model, src.tokenizer
+    else:
+        fail(f"model not found: {model}")
+    windows = eval_windows(tok, text, ctx, chunks)
+    with progress_bar() as p:
+        value = perplexity(m, windows, batch=batch, progress=p)
+    out_console.print(f"{windows.shape[0]} windows x {ctx} tokens of {text.name}", highlight=False)
+    out_console.print(f"PPL = {value:.4f}", highlight=False)
+
+
+def _is_factored_or_ours(path: Path) -> bool:
+    """Our files (asvd.* keys) load through our reader; other GGUFs through transformers."""
+    from .gguf_read import field_value, open_gguf
+
+    return field_value(open_gguf(path), "asvd.format_version") is not None
+
+
+@app.command("build-llama")
+def build_llama(
+    cuda: bool = typer.Option(False, help="Build with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS)."),
+    jobs: Optional[int] = typer.Option(None, help="Parallel build jobs (default: all cores)."),
+    prefix: Optional[Path] = typer.Option(None, help="Copy the binaries here as well."),
+):
+    """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
+    from .llamacpp import build
+
+    with progress_bar() as p:
+        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console)
+    out_console.print(str(bindir), highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    file: Path = typer.Argument(..., help="GGUF to evaluate with the patched llama-perplexity."),
+    text: Path = typer.Option(..., help="Plain-text file."),
+    ctx: int = typer.Option(512),
+    chunks: Optional[int] = typer.Option(None),
+    base: Optional[Path] = typer.Option(None, help="Base GGUF: also report KL divergence against its logits."),
+    threads: int = typer.Option(2),
+):
+    """llama.cpp perplexity of FILE (and KL divergence against --base)."""
+    from .llamacpp import perplexity
+
+    for p in (file, text) + ((base,) if base else ()):
+        if not p.is_file():
+            fail(f"file not found: {p}")
+    res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=base)
+    for k, v in res.items():
+        out_console.print(f"{k} = {v}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        fail_line = str(e).splitlines()[0] if str(e) else "unknown error"
+        console.print(f"[bold red]error:[/] {fail_line}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected: still one line
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        if os.environ.get("ASVD2GGUF_DEBUG"):
+            raise
+        console.print(f"[bold red]internal error:[/] {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                      " (set ASVD2GGUF_DEBUG=1 for a traceback)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The convert pipeline: load -> calibrate -> analyse -> search -> decompose -> write.
+
+Every expensive stage is cached on disk by what determines it (model content, calibration
+tokens, method), so re-running with another --ratio or --kv only repeats the rank search and
+the write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from . import cache
+from .allocate import Allocation, Options, Unreachable, allocate
+from .analysis import AnalysisStore, LinearInfo, kept_rank
+from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
+from .blocks import BlockRunner, resolve_device
+from .calibrate import Calibration, LayerStats, collect
+from .decompose import METHODS, SCALINGS
+from .errors import UserError
+from .gguf_write import OUTTYPES, FORMAT_VERSION, BlockTensor, clean_stale_partials, write_gguf
+from .lowrank import factored_layer
+from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
+from .source import Source, load_source
+from .text import calibration_windows, default_calibration, tokens_digest
+
+
+@dataclass
+class ConvertConfig:
+    model: str
+    out: Path | None = None
+    force: bool = False
+    ratio: float | None = None
+    ppl_target: float | None = None
+    kv: float | None = None
+    calib: str | None = None
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    seed: int = 233
+    method: str = "asvd"
+    scaling: str = "abs_mean"
+    alpha: float = 0.5
+    rank_align: int = 32
+    sensitivity: str = "fisher"
+    sweep_samples: int = 4
+    allocation: str = "lagrange"
+    outtype: str = "f16"
+    dense: bool = False
+    device: str = "auto"
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "asvd2gguf")
+
+
+@dataclass
+class Result:
+    out: Path
+    ratio: float
+    kv: float
+    calib_ppl: float
+    base_calib_ppl: float
+    ranks: dict[str, list[int]]
+    seconds: float
+    fallbacks: list[str]
+
+
+def validate(cfg: ConvertConfig) -> None:
+    if cfg.ratio is not None and cfg.ppl_target is not None:
+        raise UserError("give either --ratio or --ppl-target, not both")
+    if cfg.ratio is None and cfg.ppl_target is None:
+        cfg.ratio = 0.9
+    if cfg.ratio is not None and not (0 < cfg.ratio <= 1):
+        raise UserError(f"--ratio must be in (0, 1], got {cfg.ratio}")
+    if cfg.ppl_target is not None and not (cfg.ppl_target > 1):
+        raise UserError(f"--ppl-target must be a perplexity above 1, got {cfg.ppl_target}")
+    if cfg.kv is not None and not (0 < cfg.kv <= 1):
+        raise UserError(f"--kv must be in (0, 1], got {cfg.kv}")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown --method '{cfg.method}'; use one of {', '.join(METHODS)}")
+    if cfg.scaling not in SCALINGS:
+        raise UserError(f"unknown --scaling '{cfg.scaling}'; use one of {', '.join(SCALINGS)}")
+    if cfg.sensitivity not in SENSITIVITIES:
+        raise UserError(f"unknown --sensitivity '{cfg.sensitivity}'; use one of {', '.join(SENSITIVITIES)}")
+    if cfg.outtype not in OUTTYPES:
+        raise UserError(f"unknown --outtype '{cfg.outtype}'; use one of {', '.join(OUTTYPES)}")
+    if cfg.rank_align < 1:
+        raise UserError("--rank-align must be at least 1")
+    if not (0 < cfg.alpha <= 4):
+        raise UserError(f"--alpha must be in (0, 4], got {cfg.alpha}")
+    if cfg.calib_samples < 1 or cfg.calib_seqlen < 16:
+        raise UserError("calibration needs --calib-samples >= 1 and --calib-seqlen >= 16")
+
+
+def default_out(cfg: ConvertConfig, name: str) -> Path:
+    tag = f"r{cfg.ratio:g}" if cfg.ratio is not None else f"ppl{cfg.ppl_target:g}"
+    if cfg.kv is not None:
+        tag += f"-kv{cfg.kv:g}"
+    return Path(f"{name}-{cfg.method}-{tag}{'-dense' if cfg.dense else ''}.gguf")
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite")
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out} is a directory")
+    if not out.parent.exists():
+        raise UserError(f"output folder does not exist: {out.parent}")
+
+
+# ---------------------------------------------------------------- stages
+
+
+def calibration_stats(src: Source, runner: BlockRunner, tokens, cfg, progress, need_fisher: bool) -> list[LayerStats]:
+    root = cfg.cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), "v1")
+    meta = root / "meta.json"
+    if meta.is_file() and (json.loads(meta.read_text()).get("fisher") or not need_fisher):
+        layers = [cache.load(root / f"layer_{i:03d}.pt") for i in range(src.n_layer)]
+        if all(x is not None for x in layers):
+            return [LayerStats.from_dict(x) for x in layers]
+    calib = collect(runner, tokens, fisher=need_fisher, progress=progress)
+    for i, st in enumerate(calib.layers):
+        cache.save(st.to_dict(), root / f"layer_{i:03d}.pt")
+    tmp = meta.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
+    tmp.replace(meta)
+    return calib.layers
+
+
+def analyse(src: Source, runner, tokens, cfg, progress) -> AnalysisStore:
+    store = AnalysisStore(
+        cfg.cache_dir / "analysis"
+        / cache.key(src.fingerprint, tokens_digest(tokens), cfg.method, cfg.alpha, cfg.scaling, "v2")
+    )
+    if store.complete(src.n_layer):
+        return store
+    stats = calibration_stats(src, runner, tokens, cfg, progress, need_fisher=True)
+    task = progress.add_task(f"factorizing ({cfg.method})", total=src.n_layer) if progress else None
+    for i, layer in enumerate(runner.layers):
+        store.compute_layer(layer, i, stats[i], cfg.method, cfg.alpha, cfg.scaling, runner.device)
+        if progress:
+            progress.advance(task)
+    return store
+
+
+def sweep_grid(info: LinearInfo, align: int) -> list[int]:
+    """Ranks measured by the exact sweep: eight steps up to the largest useful rank."""
+    top = kept_rank(info.key, info.m, info.n)
+    grid = sorted({max(align, (top * j // 8) // align * align) for j in range(1, 9)} - {0})
+    return [r for r in grid if r <= top]
+
+
+def ppl_sensitivity(src, runner, tokens, cfg, store: AnalysisStore, infos, progress) -> None:
+    """The paper's exact sweep, cached per linear, over the first `sweep_samples` windows."""
+    toks = tokens[: cfg.sweep_samples]
+    root = cfg.cache_dir / "sens_ppl" / cache.key(
+        src.fingerprint, tokens_digest(toks), cfg.method, cfg.alpha, cfg.scaling, cfg.rank_align, "v1"
+    )
+    todo = [inf for inf in infos if cache.load(root / f"{inf.name}.pt") is None]
+    if todo:
+        hidden = [runner.embed(toks)]
+        for i in range(src.n_layer):
+            hidden.append(runner.run_block(i, hidden[-1]))
+        base = float(runner.loss(hidden[-1], toks).mean())
+        task = progress.add_task("sensitivity sweep (exact)", total=len(todo)) if progress else None
+        for inf in todo:
+            pts = ppl_curve(runner, inf.layer, inf.key, store.factorization(inf.layer, inf.key), hidden[inf.layer],
+                            toks, base, sweep_grid(inf, cfg.rank_align))
+            cache.save({str(k): v for k, v in pts.items()}, root / f"{inf.name}.pt")
+            if progress:
+                progress.advance(task)
+    for inf in infos:
+        pts = {int(k): float(v) for k, v in cache.load(root / f"{inf.name}.pt").items()}
+        inf.curves["ppl"] = interpolate(pts, inf.full_rank)
+
+
+def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool) -> list[Options]:
+    opts = []
+    for inf in infos:
+        top = kept_rank(inf.key, inf.m, inf.n)
+        kv = latent_kv and inf.key in KV_KEYS
+        if not kv:
+            top = min(top, inf.full_rank - 1)
+        ranks = list(range(cfg.rank_align, top + 1, cfg.rank_align))
+        if kv and inf.full_rank not in ranks:
+            ranks.append(inf.full_rank)  # the exact latent: always available
+        curve = inf.curves[cfg.sensitivity]
+        r_arr = np.array(ranks + ([] if kv else [0]), dtype=np.int64)
+        params = np.where(r_arr == 0, inf.m * inf.n, r_arr * (inf.m + inf.n))
+        cost = np.array([curve[r] if r else 0.0 for r in r_arr])
+        width = r_arr if kv else np.zeros_like(r_arr)
+        opts.append(Options(inf.name, r_arr, params, width, cost))
+    return opts
+
+
+@torch.no_grad()
+def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tuple[int, str], int], tokens) -> float:
+    """Calibration loss of the model compressed to `ranks` (rank 0: dense)."""
+    h = runner.embed(tokens)
+    for i, layer in enumerate(runner.layers):
+        fac = {k: store.factorization(i, k).factors(r) for (li, k), r in ranks.items() if li == i and r}
+        h = runner.run_block(i, h, factored_layer(layer, fac) if fac else None)
+    return float(runner.loss(h, tokens).mean())
+
+
+def ranks_of(infos, opts, alloc: Allocation) -> dict[tuple[int, str], int]:
+    return {(inf.layer, inf.key): int(o.ranks[c]) for inf, o, c in zip(infos, opts, alloc.choice)}
+
+
+def search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_budget, progress):
+    """Smallest parameter budget whose real calibration perplexity stays under the target."""
+    target = math.log(cfg.ppl_target)
+    base = calib_loss(runner, store, infos, {}, tokens)
+    if base > target:
+        raise UserError(f"--ppl-target {cfg.ppl_target:g} cannot be met: the uncompressed model's calibration "
+                        f"perplexity is {math.exp(base):.3f}")
+    min_p = sum(int(o.params.min()) for o in opts)
+    lo, hi = min_p / dense_total, 1.0
+    best = None
+    task = progress.add_task("perplexity-target search", total=10) if progress else None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        try:
+            alloc = allocate(opts, int(mid * dense_total), kv_budget, cfg.allocation)
+        except Unreachable:
+            lo = mid
+            continue
+        loss = calib_loss(runner, store, infos, ranks_of(infos, opts, alloc), tokens)
+        if loss <= target:
+            hi, best = mid, alloc
+        else:
+            lo = mid
+        if progress:
+            progress.advance(task)
+    if best is None:
+        best = allocate(opts, int(hi * dense_total), kv_budget, cfg.allocation)
+    return best
+
+
+# ---------------------------------------------------------------- driver
+
+
+def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
+    t0 = time.time()
+    validate(cfg)
+    if cfg.out is not None:
+        check_out(cfg.out, cfg.force)
+    device = resolve_device(cfg.device)
+    src = load_source(cfg.model, cfg.cache_dir)
+    out = cfg.out or default_out(cfg, src.name)
+    check_out(out, cfg.force)
+    clean_stale_partials(out)
+    calib_spec = cfg.calib or default_calibration()
+    runner = BlockRunner(src.model, device)
+    tokens = calibration_windows(src.tokenizer, calib_spec, cfg.calib_samples, cfg.calib_seqlen, cfg.seed, src.model)
+
+    store = analyse(src, runner, tokens, cfg, progress)
+    infos = [store.info(i, s.key) for i in range(src.n_layer) for s in LINEARS]
+    if cfg.sensitivity == "ppl":
+        ppl_sensitivity(src, runner, tokens, cfg, store, infos, progress)
+
+    latent = cfg.kv is not None and cfg.kv < 1
+    opts = build_options(infos, cfg, latent)
+    dense_total = sum(inf.m * inf.n for inf in infos)
+    kv_full = sum(inf.m for inf in infos if inf.key in KV_KEYS)
+    kv_budget = int(cfg.kv * kv_full) if latent else 1 << 62
+    try:
+        if cfg.ppl_target is not None:
+            alloc = search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_budget, progress)
+        else:
+            alloc = allocate(opts, int(cfg.ratio * dense_total), kv_budget, cfg.allocation)
+    except Unreachable as e:
+        if e.min_width > kv_budget:
+            raise UserError(f"--kv {cfg.kv:g} cannot be reached with --rank-align {cfg.rank_align}: the smallest "
+                            f"latent cache is {e.min_width / kv_full:.3f} of K+V") from None
+        raise UserError(f"--ratio {cfg.ratio:g} cannot be reached with --rank-align {cfg.rank_align}: the smallest "
+                        f"reachable block-linear ratio is {e.min_params / dense_total:.3f}") from None
+    ranks = ranks_of(infos, opts, alloc)
+
+    blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense)
+    loss = calib_loss(runner, store, infos, ranks, tokens) if not fallbacks else float("nan")
+    base_loss = calib_loss(runner, store, infos, {}, tokens)
+    achieved = alloc.params / dense_total
+    kv_ach = (alloc.width / kv_full) if latent else 1.0
+    rank_table = {k: [ranks[(i, k)] for i in range(src.n_layer)] for k in LINEAR_KEYS}
+    meta = asvd_metadata(cfg, calib_spec, achieved, kv_ach, latent and not cfg.dense, rank_table,
+                         math.exp(loss) if math.isfinite(loss) else 0.0)
+    if cfg.dense:
+        meta = {k: v for k, v in meta.items() if not k.startswith("asvd.rank.")}
+    c = src.model.config
+    donor, extra = donor_for(src, cfg)
+    write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
+               lambda i: blocks[i], extra, meta, cfg.outtype, progress)
+    return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks)
+
+
+def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: bool):
+    """The tensors to write per layer; a linear whose factors are not finite falls back to dense."""
+    blocks: list[list[BlockTensor]] = []
+    fallbacks = []
+    for i, layer in enumerate(src.model.model.layers):
+        row = []
+        for spec in LINEARS:
+            w = get_module(layer, spec.module).weight.detach()
+            r = ranks[(i, spec.key)]
+            if not r:
+                row.append(BlockTensor(spec.gguf, weight=w))
+                continue
+            a, b = store.factorization(i, spec.key).factors(r)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                fallbacks.append(f"blk.{i}.{spec.gguf}")
+                if latent and spec.key in KV_KEYS:  # exact full-width latent: A = I, B = W
+                    a, b = torch.eye(w.shape[0]), w.clone()
+                else:
+                    row.append(BlockTensor(spec.gguf, weight=w))
+                    ranks[(i, spec.key)] = 0
+                    continue
+            row.append(BlockTensor(spec.gguf, weight=a @ b) if dense else BlockTensor(spec.gguf, a=a, b=b))
+        blocks.append(row)
+    return blocks, fallbacks
+
+
+def asvd_metadata(cfg, calib_spec, ratio, kv, latent, rank_table, calib_ppl) -> dict:
+    V = gguf.GGUFValueType
+    calib_desc = (f"{Path(calib_spec).name if calib_spec != 'selfgen' else 'selfgen'}, "
+                  f"{cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}")
+    meta = {
+        "asvd.format_version": (FORMAT_VERSION, V.UINT32),
+        "asvd.method": (cfg.method, V.STRING),
+        "asvd.alpha": (float(cfg.alpha), V.FLOAT32),
+        "asvd.scaling": (cfg.scaling, V.STRING),
+        "asvd.rank_align": (cfg.rank_align, V.UINT32),
+        "asvd.sensitivity": (f"{cfg.sensitivity}/{cfg.allocation}", V.STRING),
+        "asvd.ratio.target": (float(cfg.ratio or 0.0), V.FLOAT32),
+        "asvd.ratio.achieved": (float(ratio), V.FLOAT32),
+        "asvd.ppl.target": (float(cfg.ppl_target or 0.0), V.FLOAT32),
+        "asvd.ppl.calibration": (float(calib_ppl), V.FLOAT32),
+        "asvd.kv.target": (float(cfg.kv or 1.0), V.FLOAT32),
+        "asvd.kv.achieved": (float(kv), V.FLOAT32),
+        "asvd.kv.latent": (bool(latent), V.BOOL),
+        "asvd.calibration": (calib_desc, V.STRING),
+    }
+    for k in LINEAR_KEYS:
+        meta[f"asvd.rank.{SPEC[k].gguf}"] = ([int(x) for x in rank_table[k]], V.ARRAY)
+    return meta
+
+
+def donor_for(src: Source, cfg: ConvertConfig):
+    """(donor GGUF for metadata, non-block tensors or None to take the donor's)."""
+    if src.gguf_path is not None:
+        return src.gguf_path, None
+    from .hf_donor import hf_donor
+
+    return hf_donor(src, cfg.cache_dir)
+
+
+def config_dict(cfg: ConvertConfig) -> dict:
+    d = asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

@@ -1,0 +1,154 @@
+"""Load a GGUF (factored or dense) back into a torch model, and describe what it holds.
+
+This is the torch side of every round trip: `ppl` scores a converted file with the same code
+that scores the original, so both columns of a table come from one implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from .arch import LINEARS, get_module, set_module, unpermute_rows_for_llama
+from .errors import UserError
+from .lowrank import LowRankLinear
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    if not Path(path).is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise UserError(f"not a readable GGUF file: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def field_value(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def tensor_array(t) -> np.ndarray:
+    """A reader tensor as float32 in numpy (rows, cols) order."""
+    arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+@dataclass
+class FactoredInfo:
+    arch: str
+    n_layer: int
+    ranks: dict[str, list[int]] = field(default_factory=dict)  # key -> rank per layer (0 dense)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (n_out, n_in) dense
+    meta: dict = field(default_factory=dict)
+
+    def ratio(self) -> float:
+        dense = kept = 0
+        for k, rs in self.ranks.items():
+            m, n = self.shapes[k]
+            for r in rs:
+                dense += m * n
+                kept += r * (m + n) if r else m * n
+        return kept / dense if dense else 1.0
+
+    def kv_ratio(self) -> float:
+        full = sum(self.shapes[k][0] * self.n_layer for k in ("attn_k", "attn_v"))
+        kept = sum((r or self.shapes[k][0]) for k in ("attn_k", "attn_v") for r in self.ranks[k])
+        return kept / full if full else 1.0
+
+
+def describe_gguf(path: Path) -> FactoredInfo:
+    """Ranks as the tensors say (not as metadata claims), with the asvd.* keys beside them."""
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture", "?")
+    n_layer = int(field_value(reader, f"{arch}.block_count", 0))
+    tensors = {t.name: t for t in reader.tensors}
+    info = FactoredInfo(arch, n_layer)
+    for spec in LINEARS:
+        rs = []
+        for i in range(n_layer):
+            base = f"blk.{i}.{spec.gguf}"
+            if f"{base}.weight" in tensors:
+                t = tensors[f"{base}.weight"]
+                info.shapes.setdefault(spec.key, (int(t.shape[1]), int(t.shape[0])))
+                rs.append(0)
+            elif f"{base}.lr_in.weight" in tensors and f"{base}.lr_out.weight" in tensors:
+                b, a = tensors[f"{base}.lr_in.weight"], tensors[f"{base}.lr_out.weight"]
+                if int(b.shape[1]) != int(a.shape[0]):
+                    raise UserError(f"{base}: rank of lr_in ({int(b.shape[1])}) and lr_out ({int(a.shape[0])}) differ")
+                info.shapes.setdefault(spec.key, (int(a.shape[1]), int(b.shape[0])))
+                rs.append(int(b.shape[1]))
+            else:
+                raise UserError(f"{base}: neither a dense weight nor both factors (lr_in, lr_out) in {path}")
+        info.ranks[spec.key] = rs
+    info.meta = {k: field_value(reader, k) for k in reader.fields if k.startswith("asvd.")}
+    return info
+
+
+def load_gguf_model(path: Path, tokenizer_from: Path | None = None):
+    """(model, tokenizer) from a GGUF this project wrote, or any llama/qwen2/qwen3 GGUF."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .source import _quiet_transformers
+
+    _quiet_transformers()
+    path = Path(path).resolve()
+    reader = open_gguf(path)
+    info = describe_gguf(path)
+    if info.arch not in ("llama", "qwen2", "qwen3"):
+        raise UserError(f"unsupported architecture '{info.arch}' in {path.name}; supported: llama, qwen2, qwen3")
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise UserError(f"cannot read the model configuration of {path.name}: {str(e).splitlines()[0]}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tensors = {t.name: t for t in reader.tensors}
+    config.tie_word_embeddings = "output.weight" not in tensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == info.arch)
+    nmap = gguf.get_tensor_name_map(arch_enum, info.n_layer)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+
+    def load(name: str, key: str | None = None) -> torch.Tensor:
+        arr = tensor_array(tensors[name])
+        if info.arch == "llama" and key in heads and not name.endswith(".lr_in.weight"):
+            arr = unpermute_rows_for_llama(arr, heads[key])
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+
+    block_weight = {f"model.layers.{i}.{s.module}.weight": (i, s) for i in range(info.n_layer) for s in LINEARS}
+    with torch.no_grad():
+        for hf_name, prm in list(model.state_dict().items()):
+            if hf_name in block_weight:
+                i, s = block_weight[hf_name]
+                base = f"blk.{i}.{s.gguf}"
+                layer = model.model.layers[i]
+                if info.ranks[s.key][i]:
+                    old = get_module(layer, s.module)
+                    bias = old.bias.detach().clone() if old.bias is not None else None
+                    if bias is not None and f"{base}.bias" in tensors:
+                        bias = load(f"{base}.bias", s.key)
+                    lr = LowRankLinear(load(f"{base}.lr_out.weight", s.key), load(f"{base}.lr_in.weight"), bias)
+                    set_module(layer, s.module, lr)
+                else:
+                    prm.copy_(load(f"{base}.weight", s.key))
+                continue
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            g = nmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if g is None or g not in tensors:
+                raise UserError(f"{path.name} has no tensor for {hf_name} (expected {g})")
+            key = next((s.key for s in LINEARS if g.endswith(f".{s.gguf}.bias")), None)
+            prm.copy_(load(g, key if key in heads else None).reshape(prm.shape))
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok_path = Path(tokenizer_from) if tokenizer_from else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path.parent, gguf_file=tok_path.name) if tok_path.suffix == ".gguf" \
+        else AutoTokenizer.from_pretrained(tok_path)
+    return model, tokenizer, info

@@ -1,0 +1,52 @@
+"""A linear layer stored as two factors, y = A (B x) + b: the torch twin of the GGUF pair."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .arch import SPEC, get_module, set_module
+
+
+class LowRankLinear(nn.Module):
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.lr_in = nn.Linear(b.shape[1], b.shape[0], bias=False)
+        self.lr_out = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            self.lr_in.weight.copy_(b)
+            self.lr_out.weight.copy_(a)
+            if bias is not None:
+                self.lr_out.bias.copy_(bias)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def rank(self) -> int:
+        return self.lr_in.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lr_out(self.lr_in(x))
+
+
+def factored_layer(layer: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], copy_layer: bool = True):
+    """The block with the given linears replaced by LowRankLinear (a shallow copy by default).
+
+    The copy shares every untouched parameter with the original, so trying a candidate costs
+    only the new factors' memory.
+    """
+    new = copy.copy(layer) if copy_layer else layer
+    if copy_layer:
+        new._modules = dict(layer._modules)
+        for name in ("self_attn", "mlp"):
+            sub = copy.copy(getattr(layer, name))
+            sub._modules = dict(getattr(layer, name)._modules)
+            new._modules[name] = sub
+    for key, (a, b) in factors.items():
+        path = SPEC[key].module
+        old = get_module(layer, path)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        set_module(new, path, LowRankLinear(a.to(old.weight.dtype), b.to(old.weight.dtype), bias))
+    return new

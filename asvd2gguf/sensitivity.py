@@ -1,0 +1,63 @@
+"""How much the calibration loss grows when one linear is truncated to rank r.
+
+Two estimators feed the same allocator:
+
+* `fisher` (default): a second-order (K-FAC) prediction. With E[x x^T] = Gx and the output
+  gradient Gram E[g g^T] = Gg, truncating W to W_r changes the mean loss by about
+  0.5 tr(dW^T Gg dW Gx). With dW = sum_{i>=r} s_i u_i vt_i this is the tail sum of
+  C = (s s^T) * (U^T Gg U) * (Vt Gx Vt^T), so one p x p matrix gives every rank at once,
+  seconds per model instead of hours.
+* `ppl`: the paper's exact sweep, the calibration loss with only that linear truncated, for a
+  grid of ranks (interpolated in between). Only the blocks from the changed one onwards are
+  re-run, from cached block inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .blocks import BlockRunner
+from .decompose import Factorization
+from .lowrank import factored_layer
+
+SENSITIVITIES = ("fisher", "ppl", "error")
+
+
+def tail_curve(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> np.ndarray:
+    """Predicted loss increase for every rank 0..p (entry p is 0: nothing truncated)."""
+    s = f.s.double()
+    u = f.U.double()
+    vt = f.Vt.double()
+    t2 = vt @ gx.double() @ vt.T
+    if gg is None:  # plain output error ||dW X||^2: U^T U = I leaves only the diagonal
+        c = torch.diag(s * s * t2.diagonal())
+    else:
+        t1 = u.T @ gg.double() @ u
+        c = torch.outer(s, s) * t1 * t2
+    d = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)
+    tail = torch.cat([d.diagonal(), torch.zeros(1, dtype=d.dtype)])
+    return (0.5 * tail).clamp_min(0).numpy()
+
+
+def ppl_curve(
+    runner: BlockRunner, layer_idx: int, key: str, f: Factorization, hidden_in: torch.Tensor,
+    tokens: torch.Tensor, base_loss: float, ranks: list[int],
+) -> dict[int, float]:
+    """Exact loss increase at each rank in `ranks`, re-running blocks layer_idx..end."""
+    out = {}
+    layer = runner.layers[layer_idx]
+    for r in ranks:
+        trial = factored_layer(layer, {key: f.factors(r)})
+        h = runner.run_block(layer_idx, hidden_in, trial)
+        out[r] = runner.forward_from(layer_idx + 1, h, tokens) - base_loss
+    return out
+
+
+def interpolate(points: dict[int, float], p: int) -> np.ndarray:
+    """A full 0..p curve from a sparse grid: linear in rank, 0 at full rank, non-increasing."""
+    rs = sorted(points)
+    xs = np.array(rs + ([p] if p not in points else []), dtype=float)
+    ys = np.array([points[r] for r in rs] + ([0.0] if p not in points else []), dtype=float)
+    curve = np.interp(np.arange(p + 1), xs, ys, left=ys[0])
+    return np.maximum.accumulate(curve[::-1])[::-1]  # more rank never costs more

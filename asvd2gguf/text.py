@@ -1,0 +1,98 @@
+"""Token windows for calibration and evaluation.
+
+Calibration: random windows of a text file (seeded), or text sampled from the model itself
+("selfgen") when no dataset is at hand. Evaluation: the first N non-overlapping windows, the
+protocol every perplexity table in this project uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SHARED_CALIB = Path("..") / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+def default_calibration() -> str:
+    """wiki.valid.tokens beside the checkout when present, else text sampled from the model."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = (base / SHARED_CALIB).resolve()
+        if p.is_file():
+            return str(p)
+    return "selfgen"
+
+
+def read_text(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"text file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise UserError(f"cannot read text file {path}: {e.strerror or e}") from None
+    if not text.strip():
+        raise UserError(f"text file is empty: {path}")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The tokenizer's default encoding (BOS as the tokenizer adds it), as one long stream."""
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokenizer, spec: str, n_samples: int, seqlen: int, seed: int, model=None) -> torch.Tensor:
+    """n_samples random windows of seqlen tokens, reproducible from the seed."""
+    if n_samples < 1 or seqlen < 2:
+        raise UserError("calibration needs at least 1 sample of at least 2 tokens")
+    if spec == "selfgen":
+        if model is None:
+            raise UserError("selfgen calibration needs the model")
+        return selfgen_windows(model, tokenizer, n_samples, seqlen, seed)
+    ids = tokenize(tokenizer, read_text(Path(spec)))
+    if len(ids) < seqlen + 1:
+        raise UserError(f"calibration text {spec} has {len(ids)} tokens, fewer than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def selfgen_windows(model, tokenizer, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Sample calibration text from the model (ASVD reference's data-free mode): top-k 50, T=1."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    first = torch.randint(0, vocab, (n_samples, 1), generator=g)
+    if tokenizer.bos_token_id is not None:
+        first[:] = tokenizer.bos_token_id
+    out = first
+    past = None
+    x = out
+    for _ in range(seqlen - 1):
+        res = model(input_ids=x, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        logits = res.logits[:, -1, :].float()
+        top, idx = logits.topk(50, dim=-1)
+        probs = torch.softmax(top, dim=-1)
+        pick = torch.multinomial(probs, 1, generator=g)
+        x = idx.gather(-1, pick)
+        out = torch.cat([out, x], dim=1)
+    return out
+
+
+def eval_windows(tokenizer, path: Path, ctx: int, chunks: int | None) -> torch.Tensor:
+    """The first `chunks` non-overlapping ctx-token windows of the text (all that fit when None)."""
+    ids = tokenize(tokenizer, read_text(path))
+    n = len(ids) // ctx
+    if chunks is not None:
+        n = min(n, chunks)
+    if n < 1:
+        raise UserError(f"{path} has {len(ids)} tokens, fewer than one window of {ctx}")
+    return ids[: n * ctx].view(n, ctx)
+
+
+def tokens_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]

