@@ -88,7 +88,7 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
         for g, a in accs.items():
             st.abs_mean[g] = (a.sum_abs / a.count).float().cpu()
             st.abs_max[g] = a.max_abs.float().cpu()
-            st.gram[g] = (a.gram / a.count).cpu()
+            st.gram[g] = (a.gram / a.count).float().cpu()  # float32 halves the cache; math upcasts
         stats.append(st)
         if progress:
             progress.advance(task)
@@ -142,7 +142,7 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
             for hd in handles:
                 hd.remove()
         for key, a in acc.items():
-            stats[i].out_gram[key] = (a / n_tok).cpu()
+            stats[i].out_gram[key] = (a / n_tok).float().cpu()
         grad = new_grad
         if progress:
             progress.advance(task)

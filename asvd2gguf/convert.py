@@ -67,6 +67,7 @@ class Result:
     ranks: dict[str, list[int]]
     seconds: float
     fallbacks: list[str]
+    store_root: Path
 
 
 def validate(cfg: ConvertConfig) -> None:
@@ -295,7 +296,8 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     donor, extra = donor_for(src, cfg)
     write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress)
-    return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks)
+    return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks,
+                  store.root)
 
 
 def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: bool):

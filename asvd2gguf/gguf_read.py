@@ -107,6 +107,9 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None):
         raise UserError(f"cannot read the model configuration of {path.name}: {str(e).splitlines()[0]}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    head_dim = field_value(reader, f"{info.arch}.attention.key_length")
+    if head_dim is not None:  # transformers' GGUF config mapping drops it (qwen3 then defaults to 128)
+        config.head_dim = int(head_dim)
     tensors = {t.name: t for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in tensors
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()

