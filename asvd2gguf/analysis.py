@@ -56,7 +56,9 @@ class AnalysisStore:
     def complete(self, n_layer: int) -> bool:
         return all(self.has(i, s.key) for i in range(n_layer) for s in LINEARS)
 
-    def compute_layer(self, model_layer, i: int, stats: LayerStats, method: str, alpha: float, scaling: str, device) -> None:
+    def compute_layer(
+        self, model_layer, i: int, stats: LayerStats, method: str, alpha: float, scaling: str, device
+    ) -> None:
         for spec in LINEARS:
             if self.has(i, spec.key):
                 continue

@@ -89,7 +89,9 @@ class BlockRunner:
                 losses.append(lo.view(logits.shape[0], -1).mean(1).cpu())
         return torch.cat(losses)
 
-    def forward_from(self, start: int, hidden: torch.Tensor, tokens: torch.Tensor, replace: dict | None = None) -> float:
+    def forward_from(
+        self, start: int, hidden: torch.Tensor, tokens: torch.Tensor, replace: dict | None = None
+    ) -> float:
         """Mean loss when running blocks start..end on `hidden` (the input of block `start`)."""
         replace = replace or {}
         for i in range(start, len(self.layers)):

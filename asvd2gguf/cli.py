@@ -42,7 +42,8 @@ def convert(
                                           "count (embeddings, norms and output head not counted). Default 0.9."),
     ppl_target: Optional[float] = typer.Option(None, help="Instead of --ratio: smallest model whose calibration "
                                                "perplexity stays under this value."),
-    kv: Optional[float] = typer.Option(None, help="Latent KV width kept: sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
+    kv: Optional[float] = typer.Option(None, help="Latent KV width kept: "
+                                       "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
     out: Optional[Path] = typer.Option(None, help="Output .gguf (default: derived from model and options)."),
     force: bool = typer.Option(False, help="Overwrite an existing output."),
     calib: Optional[str] = typer.Option(None, help="Calibration text file, or 'selfgen' (default: "

@@ -22,10 +22,10 @@ from .allocate import Allocation, Options, Unreachable, allocate
 from .analysis import AnalysisStore, LinearInfo, kept_rank
 from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
 from .blocks import BlockRunner, resolve_device
-from .calibrate import Calibration, LayerStats, collect
+from .calibrate import LayerStats, collect
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
-from .gguf_write import OUTTYPES, FORMAT_VERSION, BlockTensor, clean_stale_partials, write_gguf
+from .gguf_write import FORMAT_VERSION, OUTTYPES, BlockTensor, clean_stale_partials, write_gguf
 from .lowrank import factored_layer
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
@@ -199,11 +199,15 @@ def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool) 
 
 
 @torch.no_grad()
-def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tuple[int, str], int], tokens) -> float:
-    """Calibration loss of the model compressed to `ranks` (rank 0: dense)."""
+def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tuple[int, str], int], tokens,
+               blocks: list | None = None) -> float:
+    """Calibration loss of the model compressed to `ranks` (rank 0: dense), or to the final `blocks`."""
     h = runner.embed(tokens)
     for i, layer in enumerate(runner.layers):
-        fac = {k: store.factorization(i, k).factors(r) for (li, k), r in ranks.items() if li == i and r}
+        if blocks is not None:
+            fac = {bt.key: (bt.a, bt.b) for bt in blocks[i] if bt.a is not None}
+        else:
+            fac = {k: store.factorization(i, k).factors(r) for (li, k), r in ranks.items() if li == i and r}
         h = runner.run_block(i, h, factored_layer(layer, fac) if fac else None)
     return float(runner.loss(h, tokens).mean())
 
@@ -283,10 +287,12 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     ranks = ranks_of(infos, opts, alloc)
 
     blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense)
-    loss = calib_loss(runner, store, infos, ranks, tokens) if not fallbacks else float("nan")
+    loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense else blocks)
     base_loss = calib_loss(runner, store, infos, {}, tokens)
-    achieved = alloc.params / dense_total
-    kv_ach = (alloc.width / kv_full) if latent else 1.0
+    kept = {(inf.layer, inf.key): (ranks[(inf.layer, inf.key)] * (inf.m + inf.n) or inf.m * inf.n,
+                                   ranks[(inf.layer, inf.key)] or inf.m) for inf in infos}
+    achieved = sum(p for p, _ in kept.values()) / dense_total  # after any dense fallback
+    kv_ach = sum(w for (_, k), (_, w) in kept.items() if k in KV_KEYS) / kv_full if latent else 1.0
     rank_table = {k: [ranks[(i, k)] for i in range(src.n_layer)] for k in LINEAR_KEYS}
     meta = asvd_metadata(cfg, calib_spec, achieved, kv_ach, latent and not cfg.dense, rank_table,
                          math.exp(loss) if math.isfinite(loss) else 0.0)

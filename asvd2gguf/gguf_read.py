@@ -24,7 +24,8 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:
-        raise UserError(f"not a readable GGUF file: {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"not a readable GGUF file: {path} ({why})") from None
 
 
 def field_value(reader: gguf.GGUFReader, key: str, default=None):
@@ -89,7 +90,7 @@ def describe_gguf(path: Path) -> FactoredInfo:
     return info
 
 
-def load_gguf_model(path: Path, tokenizer_from: Path | None = None):
+def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokenizer: bool = True):
     """(model, tokenizer) from a GGUF this project wrote, or any llama/qwen2/qwen3 GGUF."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -151,6 +152,8 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None):
         model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(False)
+    if not with_tokenizer:
+        return model, None, info
     tok_path = Path(tokenizer_from) if tokenizer_from else path
     tokenizer = AutoTokenizer.from_pretrained(tok_path.parent, gguf_file=tok_path.name) if tok_path.suffix == ".gguf" \
         else AutoTokenizer.from_pretrained(tok_path)

@@ -1,0 +1,166 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from asvd2gguf import cache
+from asvd2gguf.convert import ConvertConfig, convert
+from clitools import run_cli
+
+
+def _assert_one_line_error(code, err, fragment):
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and fragment in " ".join(lines), err
+    assert lines[-1].startswith("error:") or "error:" in lines[0]
+
+
+def _tiny_args(tiny_models, calib_text, cache_dir, out, *extra):
+    return ["convert", tiny_models["llama"], "--calib", calib_text, "--calib-samples", "4", "--calib-seqlen", "64",
+            "--out", out, "--cache-dir", cache_dir, "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["convert", "/nonexistent/model.gguf"], "model file not found"),
+    (["convert", "no-such-folder-or-model"], "model not found"),
+    (["convert", "smollm2", "--ratio", "0"], "--ratio must be in (0, 1]"),
+    (["convert", "smollm2", "--ratio", "1.5"], "--ratio must be in (0, 1]"),
+    (["convert", "smollm2", "--ratio", "0.9", "--ppl-target", "30"], "either --ratio or --ppl-target"),
+    (["convert", "smollm2", "--kv", "0"], "--kv must be in (0, 1]"),
+    (["convert", "smollm2", "--method", "magic"], "unknown --method"),
+    (["inspect", "/nonexistent.gguf"], "GGUF file not found"),
+    (["ppl", "/nonexistent.gguf", "--text", "/nonexistent.txt"], "not found"),
+])
+def test_argument_errors(args, fragment, capsys):
+    code, _, err = run_cli(args, capsys)
+    _assert_one_line_error(code, err, fragment)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, capsys):
+    p = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(p, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = run_cli(["convert", str(p)], capsys)
+    _assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
+    assert "llama" in err and "qwen2" in err and "qwen3" in err
+
+
+def test_corrupt_gguf(tmp_path, capsys):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF" + os.urandom(64))
+    for cmd in (["convert", str(p)], ["inspect", str(p)]):
+        code, _, err = run_cli(cmd, capsys)
+        _assert_one_line_error(code, err, str(p.name))
+
+
+def test_existing_output_needs_force(tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, out), capsys)
+    _assert_one_line_error(code, err, "exists; pass --force")
+    assert out.read_bytes() == b"precious"
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, out, "--force"), capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_missing_calibration_file(tiny_models, cache_dir, tmp_path, capsys):
+    code, _, err = run_cli(_tiny_args(tiny_models, tmp_path / "none.txt", cache_dir, tmp_path / "o.gguf"), capsys)
+    _assert_one_line_error(code, err, "text file not found")
+
+
+def test_unreachable_targets_name_the_closest(tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, tmp_path / "o.gguf", "--ratio", "0.01"),
+                           capsys)
+    _assert_one_line_error(code, err, "smallest reachable block-linear ratio is 0.")
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, tmp_path / "o.gguf", "--ratio", "1",
+                                      "--kv", "0.05"), capsys)
+    _assert_one_line_error(code, err, "smallest latent cache is 0.")
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, tmp_path / "o.gguf", "--ppl-target",
+                                      "1.0001"), capsys)
+    _assert_one_line_error(code, err, "cannot be met")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_disk_full_leaves_nothing(tiny_models, calib_text, cache_dir, tmp_path, monkeypatch, capsys):
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    code, _, err = run_cli(_tiny_args(tiny_models, calib_text, cache_dir, tmp_path / "o.gguf"), capsys)
+    _assert_one_line_error(code, err, "disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_factors_fall_back_to_dense(tiny_models, calib_text, cache_dir, tmp_path, monkeypatch):
+    from asvd2gguf.analysis import AnalysisStore
+
+    real = AnalysisStore.factorization
+
+    def poisoned(self, layer, key):
+        f = real(self, layer, key)
+        if key != "attn_k":
+            f.U = f.U.clone()
+            f.U[0, 0] = float("nan")
+        return f
+
+    monkeypatch.setattr(AnalysisStore, "factorization", poisoned)
+    res = convert(ConvertConfig(model=str(tiny_models["llama"]), out=tmp_path / "o.gguf", calib=str(calib_text),
+                                calib_samples=4, calib_seqlen=64, cache_dir=cache_dir, ratio=0.6, device="cpu"))
+    assert res.fallbacks and not any(f.endswith("attn_k") for f in res.fallbacks)
+    from asvd2gguf.gguf_read import describe_gguf
+
+    info = describe_gguf(tmp_path / "o.gguf")
+    for name in res.fallbacks:
+        _, layer, key = name.split(".", 2)
+        assert info.ranks[key][int(layer)] == 0
+    assert res.ratio == pytest.approx(info.ratio())
+    assert np.isfinite(res.calib_ppl)
+
+
+def test_sigkill_leaves_no_output_and_resumes(tiny_models, calib_text, tmp_path):
+    """Kill -9 during the exact sensitivity sweep; the rerun reuses every finished entry."""
+    cache_dir = tmp_path / "cache"
+    out = tmp_path / "k.gguf"
+    cmd = [sys.executable, "-m", "asvd2gguf.cli", *map(str, _tiny_args(tiny_models, calib_text, cache_dir, out,
+           "--sensitivity", "ppl", "--sweep-samples", "4", "--calib-seqlen", "256"))]
+    cmd[cmd.index("--calib-seqlen") + 1] = "256"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sens = cache_dir / "sens_ppl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(sens.glob("*/*.pt"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "convert finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = {p: p.stat().st_mtime_ns for p in sens.glob("*/*.pt")}
+    assert done and not list(sens.glob("*/.*tmp*"))
+    assert all(cache.load(p) is not None for p in cache_dir.rglob("*.pt"))  # no corrupt entry anywhere
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # reused, not recomputed
+    assert len(list(sens.glob("*/*.pt"))) == 14  # 2 layers x 7 linears
+    assert torch.load(next(iter(done)), weights_only=True)
+    assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".k.gguf.partial")]
