@@ -54,7 +54,7 @@ def convert(
     method: str = typer.Option("asvd", help="asvd | svd | whiten"),
     scaling: str = typer.Option("abs_mean", help="abs_mean | abs_max (ASVD activation statistic)."),
     alpha: float = typer.Option(0.5, help="ASVD scaling exponent."),
-    rank_align: int = typer.Option(32, help="Ranks are multiples of this (32 keeps quantized factors and caches valid)."),
+    rank_align: int = typer.Option(32, help="Ranks are multiples of this (32 keeps quantized factors valid)."),
     sensitivity: str = typer.Option("fisher", help="fisher (K-FAC prediction) | ppl (exact sweep) | error."),
     sweep_samples: int = typer.Option(4, help="Calibration windows used by --sensitivity ppl."),
     allocation: str = typer.Option("lagrange", help="lagrange | strs (the paper's threshold search)."),

@@ -212,6 +212,18 @@ def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tup
     return float(runner.loss(h, tokens).mean())
 
 
+def cached_base_loss(runner, store: AnalysisStore, infos, tokens) -> float:
+    """The uncompressed model's calibration loss, kept beside the analysis (same key)."""
+    path = store.root / "base_loss.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["loss"])
+    loss = calib_loss(runner, store, infos, {}, tokens)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"loss": loss}))
+    tmp.replace(path)
+    return loss
+
+
 def ranks_of(infos, opts, alloc: Allocation) -> dict[tuple[int, str], int]:
     return {(inf.layer, inf.key): int(o.ranks[c]) for inf, o, c in zip(infos, opts, alloc.choice)}
 
@@ -219,7 +231,7 @@ def ranks_of(infos, opts, alloc: Allocation) -> dict[tuple[int, str], int]:
 def search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_budget, progress):
     """Smallest parameter budget whose real calibration perplexity stays under the target."""
     target = math.log(cfg.ppl_target)
-    base = calib_loss(runner, store, infos, {}, tokens)
+    base = cached_base_loss(runner, store, infos, tokens)
     if base > target:
         raise UserError(f"--ppl-target {cfg.ppl_target:g} cannot be met: the uncompressed model's calibration "
                         f"perplexity is {math.exp(base):.3f}")
@@ -288,7 +300,7 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
 
     blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense)
     loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense else blocks)
-    base_loss = calib_loss(runner, store, infos, {}, tokens)
+    base_loss = cached_base_loss(runner, store, infos, tokens)
     kept = {(inf.layer, inf.key): (ranks[(inf.layer, inf.key)] * (inf.m + inf.n) or inf.m * inf.n,
                                    ranks[(inf.layer, inf.key)] or inf.m) for inf in infos}
     achieved = sum(p for p, _ in kept.values()) / dense_total  # after any dense fallback

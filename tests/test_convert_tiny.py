@@ -6,14 +6,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from clitools import run_cli
 
 from asvd2gguf.arch import LINEARS, permute_rows_for_llama
 from asvd2gguf.convert import ConvertConfig, convert
 from asvd2gguf.gguf_read import describe_gguf, load_gguf_model, tensor_array
 from asvd2gguf.perplexity import mean_loss
 from asvd2gguf.text import calibration_windows
-
-from clitools import run_cli
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 

@@ -14,10 +14,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from clitools import run_cli
 
 from asvd2gguf import cache
 from asvd2gguf.convert import ConvertConfig, convert
-from clitools import run_cli
 
 
 def _assert_one_line_error(code, err, fragment):

