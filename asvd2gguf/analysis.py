@@ -17,7 +17,7 @@ from . import cache
 from .arch import KV_KEYS, LINEARS, get_module
 from .calibrate import LayerStats
 from .decompose import Factorization, break_even_rank, factorize
-from .sensitivity import tail_curve
+from .sensitivity import tail_curves
 
 
 @dataclass
@@ -65,11 +65,9 @@ class AnalysisStore:
             w = get_module(model_layer, spec.module).weight.detach().to(device)
             absstat = (stats.abs_mean if scaling == "abs_mean" else stats.abs_max)[spec.group]
             gx = stats.gram[spec.group].to(device)
-            f = factorize(w, method, abs_stat=absstat, alpha=alpha, gram=gx)
             gg = stats.out_gram.get(spec.key)
-            curves = {"error": tail_curve(f, gx, None)}
-            if gg is not None:
-                curves["fisher"] = tail_curve(f, gx, gg.to(device))
+            f = factorize(w, method, abs_stat=absstat, alpha=alpha, gram=gx, out_gram=gg)
+            curves = tail_curves(f, gx, gg.to(device) if gg is not None else None)
             r = kept_rank(spec.key, *w.shape)
             entry = {
                 "U": f.U[:, :r].cpu().contiguous(),

@@ -261,13 +261,29 @@ def search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_b
 # ---------------------------------------------------------------- driver
 
 
+class _Stages:
+    """Prints each finished stage with its duration: long work should say what it did."""
+
+    def __init__(self, console):
+        self.console = console
+        self.t = time.time()
+
+    def done(self, what: str) -> None:
+        now = time.time()
+        if self.console is not None:
+            self.console.print(f"[green]done[/] {what} ({now - self.t:.1f} s)", highlight=False)
+        self.t = now
+
+
 def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     t0 = time.time()
+    st = _Stages(console)
     validate(cfg)
     if cfg.out is not None:
         check_out(cfg.out, cfg.force)
     device = resolve_device(cfg.device)
     src = load_source(cfg.model, cfg.cache_dir)
+    st.done(f"loaded {src.name} ({src.arch}, {src.n_layer} layers)")
     out = cfg.out or default_out(cfg, src.name)
     check_out(out, cfg.force)
     clean_stale_partials(out)
@@ -275,10 +291,13 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     runner = BlockRunner(src.model, device)
     tokens = calibration_windows(src.tokenizer, calib_spec, cfg.calib_samples, cfg.calib_seqlen, cfg.seed, src.model)
 
+    st.done(f"calibration windows: {tokens.shape[0]} x {tokens.shape[1]} tokens from {Path(calib_spec).name}")
     store = analyse(src, runner, tokens, cfg, progress)
     infos = [store.info(i, s.key) for i in range(src.n_layer) for s in LINEARS]
+    st.done(f"statistics, {cfg.method} factorizations and sensitivity curves (cache {store.root})")
     if cfg.sensitivity == "ppl":
         ppl_sensitivity(src, runner, tokens, cfg, store, infos, progress)
+        st.done("exact perplexity sensitivity sweep")
 
     latent = cfg.kv is not None and cfg.kv < 1
     opts = build_options(infos, cfg, latent)
@@ -297,10 +316,12 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
         raise UserError(f"--ratio {cfg.ratio:g} cannot be reached with --rank-align {cfg.rank_align}: the smallest "
                         f"reachable block-linear ratio is {e.min_params / dense_total:.3f}") from None
     ranks = ranks_of(infos, opts, alloc)
+    st.done(f"rank allocation ({cfg.allocation}, {cfg.sensitivity})")
 
     blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense)
     loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense else blocks)
     base_loss = cached_base_loss(runner, store, infos, tokens)
+    st.done("calibration perplexity of the result")
     kept = {(inf.layer, inf.key): (ranks[(inf.layer, inf.key)] * (inf.m + inf.n) or inf.m * inf.n,
                                    ranks[(inf.layer, inf.key)] or inf.m) for inf in infos}
     achieved = sum(p for p, _ in kept.values()) / dense_total  # after any dense fallback
@@ -314,6 +335,7 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     donor, extra = donor_for(src, cfg)
     write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress)
+    st.done("GGUF written")
     return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks,
                   store.root)
 

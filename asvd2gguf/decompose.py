@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("asvd", "svd", "whiten")
+METHODS = ("asvd", "svd", "whiten", "kfac")
+KFAC_DAMPING = 1e-2  # relative damping of the output-gradient Gram: unseen output directions still count
 SCALINGS = ("abs_mean", "abs_max")
 
 
@@ -82,8 +83,14 @@ def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool, str]:
     return q * e.sqrt(), False, "eigen fallback"
 
 
-def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5, gram=None) -> Factorization:
-    """Factorize W (m, n) by `method` using the input statistics of its group."""
+def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5, gram=None,
+              out_gram=None) -> Factorization:
+    """Factorize W (m, n) by `method` using the input statistics of its group.
+
+    `kfac` whitens both sides, inputs by chol(X^T X) and outputs by chol(G^T G) of the loss
+    gradients: its truncation minimises the K-FAC estimate of the loss increase itself, so for
+    k_proj it weighs K errors by how the attention scores actually use them.
+    """
     w64 = w.double()
     note = ""
     if method == "svd":
@@ -99,6 +106,19 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
             vt = torch.linalg.solve_triangular(lo.T, vt.T, upper=True).T
         else:
             vt = torch.linalg.solve(lo.T, vt.T).T
+    elif method == "kfac":
+        lo, tri, note = whitening_factor(gram.to(w64.device))
+        g = out_gram.to(w64.device).double()
+        g = g + KFAC_DAMPING * float(g.diagonal().mean().clamp_min(1e-30)) * torch.eye(g.shape[0], dtype=g.dtype,
+                                                                                          device=g.device)
+        ro, rtri, note2 = whitening_factor(g)
+        u, s, vt = _svd(ro.T @ w64 @ lo)
+        u = torch.linalg.solve_triangular(ro.T, u, upper=True) if rtri else torch.linalg.solve(ro.T, u)
+        if tri:
+            vt = torch.linalg.solve_triangular(lo.T, vt.T, upper=True).T
+        else:
+            vt = torch.linalg.solve(lo.T, vt.T).T
+        note = ", ".join(x for x in (note, note2) if x)
     else:
         raise ValueError(method)
     return Factorization(u.float(), s, vt.float(), note)

@@ -24,20 +24,35 @@ from .lowrank import factored_layer
 SENSITIVITIES = ("fisher", "ppl", "error")
 
 
-def tail_curve(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> np.ndarray:
-    """Predicted loss increase for every rank 0..p (entry p is 0: nothing truncated)."""
+def tail_curves(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Predicted loss increase for every rank 0..p (entry p is 0: nothing truncated).
+
+    `error` is the plain output error 0.5 ||dW X||^2 / T (U^T U = I leaves only a diagonal);
+    `fisher` weighs it by the output-gradient Gram. The p x p products run in float32 (they
+    dominate the analysis time on CPU); the tail sums accumulate in float64.
+    """
     s = f.s.double()
-    u = f.U.double()
-    vt = f.Vt.double()
-    t2 = vt @ gx.double() @ vt.T
-    if gg is None:  # plain output error ||dW X||^2: U^T U = I leaves only the diagonal
-        c = torch.diag(s * s * t2.diagonal())
-    else:
-        t1 = u.T @ gg.double() @ u
-        c = torch.outer(s, s) * t1 * t2
+    dt = torch.float32
+    vt = f.Vt.to(dt)
+    t2 = (vt @ gx.to(dt) @ vt.T).double()
+    out = {"error": _tail(torch.diag(s * s * t2.diagonal()))}
+    if gg is not None:
+        u = f.U.to(dt)
+        t1 = (u.T @ (gg.to(dt) @ u)).double()
+        out["fisher"] = _tail(torch.outer(s, s) * t1 * t2)
+    return out
+
+
+def _tail(c: torch.Tensor) -> np.ndarray:
     d = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)
     tail = torch.cat([d.diagonal(), torch.zeros(1, dtype=d.dtype)])
     return (0.5 * tail).clamp_min(0).numpy()
+
+
+def tail_curve(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> np.ndarray:
+    """One curve: `fisher` when the gradient Gram is given, else `error`."""
+    c = tail_curves(f, gx, gg)
+    return c["fisher"] if gg is not None else c["error"]
 
 
 def ppl_curve(

@@ -144,3 +144,16 @@ def test_unreachable_reports_minimum():
     with pytest.raises(Unreachable) as e:
         allocate(opts, 10, 1 << 62, "lagrange")
     assert e.value.min_params == sum(int(o.params.min()) for o in opts)
+
+
+def test_kfac_minimises_the_predicted_loss():
+    w, x = _data()
+    g = torch.randn(300, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * torch.linspace(
+        0.1, 2, 48, dtype=torch.float64)
+    gx, gg = x.T @ x / 300, g.T @ g / 300
+    preds = {}
+    for method in ("asvd", "whiten", "kfac"):
+        f = factorize(w, method, abs_stat=x.abs().mean(0), alpha=0.5, gram=gx, out_gram=gg)
+        assert torch.allclose(f.weight(f.max_rank).double(), w, atol=1e-3), method
+        preds[method] = tail_curve(f, gx, gg + 1e-2 * gg.diagonal().mean() * torch.eye(48, dtype=gg.dtype))[12]
+    assert preds["kfac"] <= preds["whiten"] + 1e-9 and preds["kfac"] <= preds["asvd"] + 1e-9
