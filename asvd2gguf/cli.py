@@ -146,7 +146,7 @@ def _is_factored_or_ours(path: Path) -> bool:
 def build_llama(
     cuda: bool = typer.Option(False, help="Build with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS)."),
     jobs: Optional[int] = typer.Option(None, help="Parallel build jobs (default: all cores)."),
-    prefix: Optional[Path] = typer.Option(None, help="Copy the binaries here as well."),
+    prefix: Optional[Path] = typer.Option(None, help="Folder that keeps the builds (default: the cache)."),
 ):
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
     from .llamacpp import build
