@@ -105,12 +105,13 @@ def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool, str]:
 
 
 def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5, gram=None,
-              out_gram=None) -> Factorization:
+              out_gram=None, x_factor=None) -> Factorization:
     """Factorize W (m, n) by `method` using the input statistics of its group.
 
     `kfac` whitens both sides, inputs by chol(X^T X) and outputs by chol(G^T G) of the loss
     gradients: its truncation minimises the K-FAC estimate of the loss increase itself, so for
-    k_proj it weighs K errors by how the attention scores actually use them.
+    k_proj it weighs K errors by how the attention scores actually use them. `x_factor` is a
+    precomputed whitening_factor(gram): q, k and v share one input Gram.
     """
     w64 = w.double()
     note = ""
@@ -121,14 +122,14 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
         u, s, vt = _svd(w64 * scale)
         vt = vt / scale
     elif method == "whiten":
-        lo, tri, note = whitening_factor(gram.to(w64.device))
+        lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
         u, s, vt = _svd(w64 @ lo)
         if tri:  # vt L^-1 == solve(L^T, vt^T)^T
             vt = torch.linalg.solve_triangular(lo.T, vt.T, upper=True).T
         else:
             vt = torch.linalg.solve(lo.T, vt.T).T
     elif method == "kfac":
-        lo, tri, note = whitening_factor(gram.to(w64.device))
+        lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
         g = out_gram.to(w64.device).double()
         g = g + KFAC_DAMPING * float(g.diagonal().mean().clamp_min(1e-30)) * torch.eye(g.shape[0], dtype=g.dtype,
                                                                                           device=g.device)
