@@ -110,12 +110,14 @@ def ppl(
     ctx: int = typer.Option(512, help="Tokens per window."),
     chunks: Optional[int] = typer.Option(None, help="Score only the first N windows."),
     batch: int = typer.Option(4, help="Windows per forward pass."),
+    llama_compat: bool = typer.Option(False, help="Score as llama-perplexity does: BOS per chunk when the "
+                                      "vocabulary adds one, only the second half of each window."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for dequantized source models."),
 ):
     """Torch-side perplexity over non-overlapping windows; ends with 'PPL = <value>'."""
     from .perplexity import perplexity
-    from .source import EMBEDDED, load_source
-    from .text import eval_windows
+    from .source import EMBEDDED, embedded_path, load_source
+    from .text import eval_windows, llama_windows
 
     if ctx < 2:
         fail("--ctx must be at least 2")
@@ -128,11 +130,23 @@ def ppl(
         m, tok = src.model, src.tokenizer
     else:
         fail(f"model not found: {model}")
-    windows = eval_windows(tok, text, ctx, chunks)
+    if llama_compat:
+        gguf_file = embedded_path(model) if model in EMBEDDED else Path(model)
+        add_bos = _gguf_add_bos(gguf_file) if gguf_file.suffix == ".gguf" else bool(getattr(tok, "add_bos_token", 0))
+        windows = llama_windows(tok, text, ctx, chunks, add_bos, tok.bos_token_id)
+    else:
+        windows = eval_windows(tok, text, ctx, chunks)
     with progress_bar() as p:
-        value = perplexity(m, windows, batch=batch, progress=p)
-    out_console.print(f"{windows.shape[0]} windows x {ctx} tokens of {text.name}", highlight=False)
+        value = perplexity(m, windows, batch=batch, progress=p, first=ctx // 2 if llama_compat else 0)
+    out_console.print(f"{windows.shape[0]} windows x {ctx} tokens of {text.name}"
+                      f"{' (llama-perplexity scoring)' if llama_compat else ''}", highlight=False)
     out_console.print(f"PPL = {value:.4f}", highlight=False)
+
+
+def _gguf_add_bos(path: Path) -> bool:
+    from .gguf_read import field_value, open_gguf
+
+    return bool(field_value(open_gguf(path), "tokenizer.ggml.add_bos_token", False))
 
 
 def _is_factored_or_ours(path: Path) -> bool:

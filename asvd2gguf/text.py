@@ -96,3 +96,23 @@ def eval_windows(tokenizer, path: Path, ctx: int, chunks: int | None) -> torch.T
 
 def tokens_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+def llama_windows(
+    tokenizer, path: Path, ctx: int, chunks: int | None, add_bos: bool, bos_id: int | None
+) -> torch.Tensor:
+    """Windows exactly as llama-perplexity cuts them: the text tokenized once (with BOS when
+    the vocabulary adds one), consecutive ctx-token chunks, each chunk's first token replaced
+    by BOS when the vocabulary adds one."""
+    ids = tokenize(tokenizer, read_text(path))
+    if add_bos and bos_id is not None and (len(ids) == 0 or int(ids[0]) != bos_id):
+        ids = torch.cat([torch.tensor([bos_id]), ids])
+    if not add_bos and bos_id is not None and len(ids) and int(ids[0]) == bos_id:
+        ids = ids[1:]
+    n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
+    if n < 1:
+        raise UserError(f"{path} has {len(ids)} tokens, fewer than one window of {ctx}")
+    w = ids[: n * ctx].view(n, ctx).clone()
+    if add_bos and bos_id is not None:
+        w[:, 0] = bos_id
+    return w

@@ -157,3 +157,28 @@ def test_kfac_minimises_the_predicted_loss():
         assert torch.allclose(f.weight(f.max_rank).double(), w, atol=1e-3), method
         preds[method] = tail_curve(f, gx, gg + 1e-2 * gg.diagonal().mean() * torch.eye(48, dtype=gg.dtype))[12]
     assert preds["kfac"] <= preds["whiten"] + 1e-9 and preds["kfac"] <= preds["asvd"] + 1e-9
+
+
+def test_llama_windows_and_second_half_scoring(tmp_path):
+    from asvd2gguf.perplexity import mean_loss
+    from asvd2gguf.text import llama_windows
+
+    class Tok:
+        def __call__(self, text, return_attention_mask=False):
+            return {"input_ids": [ord(c) % 50 + 2 for c in text]}
+
+    p = tmp_path / "t.txt"
+    p.write_text("abcdefghij" * 10)
+    w = llama_windows(Tok(), p, 16, 3, add_bos=True, bos_id=1)
+    assert w.shape == (3, 16) and (w[:, 0] == 1).all()
+    w2 = llama_windows(Tok(), p, 16, None, add_bos=False, bos_id=1)
+    assert w2.shape == (6, 16) and (w2[:, 0] != 1).all()
+
+    class Uniform(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 64)
+            logits[:, : input_ids.shape[1] // 2, 0] = 100.0  # confident and wrong in the first half
+            return type("O", (), {"logits": logits})()
+
+    assert mean_loss(Uniform(), w, first=8) == pytest.approx(np.log(64), rel=1e-6)
+    assert mean_loss(Uniform(), w) > np.log(64)
