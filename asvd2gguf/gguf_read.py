@@ -57,6 +57,9 @@ class FactoredInfo:
         return kept / dense if dense else 1.0
 
     def kv_ratio(self) -> float:
+        """Latent cache width / full K+V width; 1 when the file does not ask for a latent cache."""
+        if not self.meta.get("asvd.kv.latent", False):
+            return 1.0
         full = sum(self.shapes[k][0] * self.n_layer for k in ("attn_k", "attn_v"))
         kept = sum((r or self.shapes[k][0]) for k in ("attn_k", "attn_v") for r in self.ranks[k])
         return kept / full if full else 1.0
