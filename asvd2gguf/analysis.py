@@ -16,7 +16,7 @@ import torch
 from . import cache
 from .arch import KV_KEYS, LINEARS, get_module
 from .calibrate import LayerStats
-from .decompose import Factorization, break_even_rank, factorize, whitening_factor
+from .decompose import KV_METHOD, REST_METHOD, Factorization, break_even_rank, factorize, whitening_factor
 from .sensitivity import tail_curves
 
 
@@ -67,9 +67,10 @@ class AnalysisStore:
             absstat = (stats.abs_mean if scaling == "abs_mean" else stats.abs_max)[spec.group]
             gx = stats.gram[spec.group].to(device)
             gg = stats.out_gram.get(spec.key)
-            if method in ("whiten", "kfac") and spec.group not in x_factors:
+            m_used = (KV_METHOD if spec.key in KV_KEYS else REST_METHOD).get(method, method)
+            if m_used in ("whiten", "kfac") and spec.group not in x_factors:
                 x_factors[spec.group] = whitening_factor(gx)
-            f = factorize(w, method, abs_stat=absstat, alpha=alpha, gram=gx, out_gram=gg,
+            f = factorize(w, m_used, abs_stat=absstat, alpha=alpha, gram=gx, out_gram=gg,
                           x_factor=x_factors.get(spec.group))
             curves = tail_curves(f, gx, gg.to(device) if gg is not None else None)
             r = kept_rank(spec.key, *w.shape)

@@ -51,7 +51,8 @@ def convert(
     calib_samples: int = typer.Option(32, help="Calibration windows."),
     calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
     seed: int = typer.Option(233, help="Seed for calibration windows."),
-    method: str = typer.Option("asvd", help="asvd | svd | whiten | kfac (both sides whitened, Fisher)."),
+    method: str = typer.Option("asvd", help="asvd | svd | whiten | kfac (both sides whitened) | hybrid "
+                                "(kfac for k/v, whiten for the rest)."),
     scaling: str = typer.Option("abs_mean", help="abs_mean | abs_max (ASVD activation statistic)."),
     alpha: float = typer.Option(0.5, help="ASVD scaling exponent."),
     rank_align: int = typer.Option(32, help="Ranks are multiples of this (32 keeps quantized factors valid)."),

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("asvd", "svd", "whiten", "kfac")
+METHODS = ("asvd", "svd", "whiten", "kfac", "hybrid")
+KV_METHOD = {"hybrid": "kfac"}  # per-method override for k_proj/v_proj
+REST_METHOD = {"hybrid": "whiten"}
 KFAC_DAMPING = 1e-2  # relative damping of the output-gradient Gram: unseen output directions still count
 SCALINGS = ("abs_mean", "abs_max")
 

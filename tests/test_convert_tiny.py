@@ -97,7 +97,7 @@ def test_inspect_and_ppl_commands(tiny_models, calib_text, cache_dir, tmp_path, 
     assert code == 0 and so.strip().splitlines()[-1].startswith("PPL = ")
 
 
-@pytest.mark.parametrize("method", ["svd", "whiten"])
+@pytest.mark.parametrize("method", ["svd", "whiten", "hybrid"])
 def test_other_methods_and_ppl_target(method, tiny_models, calib_text, cache_dir, tmp_path):
     res = convert(_cfg(tiny_models["llama"], tmp_path / "m.gguf", calib_text, cache_dir, ratio=0.75, method=method))
     assert res.ratio <= 0.75

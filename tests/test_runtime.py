@@ -1,0 +1,247 @@
+"""Runtime tests: the patched llama.cpp on factored GGUF files (docs/runtime.md).
+
+The binaries come from asvd2gguf.llamacpp.build() (cached; a cold CPU build takes about 8
+minutes on 2 cores, then every call is instant). Fixtures are tiny random models of each
+architecture plus one real SmolLM2 check, all made locally by tests/gguf_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gguf_fixtures as fx  # noqa: E402
+
+from asvd2gguf import llamacpp  # noqa: E402
+from asvd2gguf.errors import UserError  # noqa: E402
+
+TEXT = fx.wikitext_path()
+ARCHS = ("llama", "qwen2", "qwen3", "mistral3")
+
+needs_text = pytest.mark.skipif(not TEXT.is_file(), reason="wiki.test.raw not available")
+
+
+# ---------------------------------------------------------------- no binaries needed
+
+
+def test_apply_patches_names_the_failing_patch(tmp_path):
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "a.txt").write_text("one\ntwo\n")
+    good = tmp_path / "0001-good.patch"
+    good.write_text("header\n---\ndiff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-two\n+three\n")
+    bad = tmp_path / "0002-bad.patch"
+    bad.write_text("diff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-four\n+five\n")
+    llamacpp.apply_patches(src, [good])
+    assert (src / "a.txt").read_text() == "one\nthree\n"
+    with pytest.raises(UserError, match="0002-bad.patch"):
+        llamacpp.apply_patches(src, [bad])
+
+
+def test_series_lists_existing_patches():
+    names = [p.name for p in llamacpp._series()]
+    assert names and names == sorted(names)
+
+
+def test_build_key_depends_on_options():
+    assert llamacpp.build_key(False) != llamacpp.build_key(True)
+    assert llamacpp.build_key(False) == llamacpp.build_key(False)
+
+
+def test_parse_perplexity_outputs():
+    out = ("llama_kv_cache: size =   45.00 MiB (  512 cells,  30 layers,  1/1 seqs)\n"
+           "perplexity: calculating perplexity over 4 chunks, n_ctx=512\n"
+           "Final estimate: PPL = 22.4154 +/- 2.22667\n")
+    r = llamacpp.parse_perplexity(out)
+    assert r == {"ppl": 22.4154, "ppl_err": 2.22667, "chunks": 4, "kv_mib": 45.0}
+    kld = ("Mean PPL(Q)                   :  22.410788 ±   2.226280\n"
+           "Mean PPL(base)                :  22.360000 ±   2.226280\n"
+           "Mean    KLD:   0.000003 ±   0.000001\nMaximum KLD:   0.000056\nSame top p: 99.902 ± 0.050 %\n")
+    r = llamacpp.parse_perplexity(kld)
+    assert r["ppl"] == pytest.approx(22.410788) and r["kld"] == pytest.approx(3e-6)
+    assert r["kld_max"] == pytest.approx(5.6e-5) and r["same_top_p"] == pytest.approx(0.99902)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def bins() -> Path:
+    return llamacpp.build()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Per arch: dense F32 model, full-rank factored file, its --dense twin, a latent-KV file."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for arch in ARCHS:
+        dense = fx.write_tiny(arch, root / f"{arch}.gguf")
+        fact = fx.write_factored(dense, root / f"{arch}-lr.gguf", outtype="f32")
+        twin = fx.write_factored(dense, root / f"{arch}-lr-dense.gguf", outtype="f32", dense=True)
+        # latent: k/v at rank 32 (of 64), others dense; ranks aligned to 32 for quantized caches
+        lat = fx.write_factored(dense, root / f"{arch}-kv.gguf", rank=lambda b, il, s: 32,
+                                linears=("attn_k", "attn_v"), kv_latent=True, outtype="f16")
+        out[arch] = {"dense": dense, "lr": fact, "lr_dense": twin, "kv": lat}
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_small(tmp_path_factory) -> Path:
+    """The first ~40 KB of wiki.test.raw (enough for a few 128-token chunks)."""
+    if not TEXT.is_file():
+        pytest.skip("wiki.test.raw not available")
+    p = tmp_path_factory.mktemp("text") / "wiki.small.raw"
+    p.write_bytes(TEXT.read_bytes()[:40000])
+    return p
+
+
+def ppl(model, text, **kw):
+    kw.setdefault("ctx", 128)
+    kw.setdefault("chunks", 3)
+    return llamacpp.perplexity(model, text, **kw)
+
+
+# ---------------------------------------------------------------- factored linears
+
+
+def test_build_is_cached(bins):
+    import time
+    t = time.time()
+    assert llamacpp.build() == bins
+    assert time.time() - t < 5
+    for tool in llamacpp.TARGETS:
+        assert (bins / tool).is_file()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_factored_equals_dense_twin(tiny, text_small, arch):
+    """Test 1: a factored file and the --dense file of the same factors, same binary."""
+    a = ppl(tiny[arch]["lr"], text_small)
+    b = ppl(tiny[arch]["lr_dense"], text_small)
+    c = ppl(tiny[arch]["dense"], text_small)
+    assert abs(a["ppl"] / b["ppl"] - 1) < 1e-3
+    assert abs(a["ppl"] / c["ppl"] - 1) < 1e-3  # full rank: same model as the original
+
+
+def test_factored_kld_against_dense(tiny, text_small):
+    r = ppl(tiny["llama"]["lr"], text_small, kl_base=tiny["llama"]["lr_dense"])
+    assert r["kld"] < 1e-4
+
+
+def _load_error(bins: Path, model: Path) -> str:
+    res = subprocess.run([str(bins / "llama-perplexity"), "-m", str(model), "-f", str(TEXT), "-c", "128",
+                          "--chunks", "1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0, "the loader accepted a bad file"
+    return res.stdout + res.stderr
+
+
+@needs_text
+@pytest.mark.parametrize("case, expect", [
+    ("lone_factor", "factor 'blk.0.attn_q.lr_in.weight' has no partner 'blk.0.attn_q.lr_out.weight'"),
+    ("rank_ab", "rank mismatch: 'blk.1.ffn_up.lr_in.weight'"),
+    ("rank_meta", "asvd.rank.attn_v[0]"),
+    ("both", "tensor 'blk.0.attn_output.weight' is stored both dense and factored"),
+    ("latent_dense_k", "asvd.kv.latent is set but 'blk.0.attn_k' is not factored"),
+])
+def test_loader_refuses_bad_files(bins, tmp_path, case, expect):
+    src = fx.write_tiny("llama", tmp_path / "base.gguf")
+    kw: dict = {"outtype": "f32"}
+    if case == "lone_factor":
+        kw["drop"] = ["blk.0.attn_q.lr_out.weight"]
+    elif case == "rank_ab":
+        def tamper(t):
+            t["blk.1.ffn_up.lr_out.weight"] = t["blk.1.ffn_up.lr_out.weight"][:, :-1].copy()
+        kw["tamper"] = tamper
+    elif case == "rank_meta":
+        kw["extra_kv"] = {"asvd.rank.attn_v": [7, 64]}
+    elif case == "both":
+        def tamper(t):
+            t["blk.0.attn_output.weight"] = np.zeros((128, 128), np.float32)
+        kw["tamper"] = tamper
+    elif case == "latent_dense_k":
+        kw.update(linears=("attn_v",), kv_latent=True)
+    bad = fx.write_factored(src, tmp_path / f"{case}.gguf", **kw)
+    assert expect in _load_error(bins, bad)
+
+
+def test_stock_gguf_unchanged(text_small):
+    """The stock Q4_1 SmolLM2 runs through the patched binary (its numbers are in docs)."""
+    r = ppl(fx.smollm2_path(), text_small, ctx=256, chunks=2)
+    assert 5 < r["ppl"] < 100
+
+
+def test_smollm2_partly_factored_equals_dense(tmp_path, text_small):
+    """Test 5, the real model once: all seven linears of layer 0 factored at full rank."""
+    src = fx.smollm2_path()
+    rank = lambda b, il, s: min(s) if il < 1 else 0  # noqa: E731
+    fact = fx.write_factored(src, tmp_path / "smol-lr.gguf", rank=rank)
+    dense = fx.write_factored(src, tmp_path / "smol-dense.gguf", rank=rank, dense=True)
+    a = ppl(fact, text_small, ctx=256, chunks=2)
+    b = ppl(dense, text_small, ctx=256, chunks=2)
+    assert abs(a["ppl"] / b["ppl"] - 1) < 1e-3
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M"])
+def test_quantize_and_imatrix_factored(bins, tmp_path, text_small, qtype):
+    src = fx.write_tiny("llama", tmp_path / "base.gguf")
+    fact = fx.write_factored(src, tmp_path / "lr.gguf", rank=lambda b, il, s: 32, outtype="f16")
+    out = tmp_path / f"lr-{qtype}.gguf"
+    subprocess.run([str(bins / "llama-quantize"), str(fact), str(out), qtype, "2"], check=True,
+                   capture_output=True, timeout=300)
+    r = ppl(out, text_small)
+    assert np.isfinite(r["ppl"])
+    imat = tmp_path / "imatrix.gguf"
+    subprocess.run([str(bins / "llama-imatrix"), "-m", str(fact), "-f", str(text_small), "-c", "128",
+                    "--chunks", "2", "-o", str(imat)], check=True, capture_output=True, timeout=300)
+    assert imat.is_file() and imat.stat().st_size > 0
+
+
+# ---------------------------------------------------------------- latent KV cache
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fa", ["on", "off"])
+def test_latent_kv_matches_full_cache(tiny, text_small, arch, fa):
+    """Test 3: latent cache on vs off (ASVD_LATENT_KV=0), mean KLD < 1e-4."""
+    model = tiny[arch]["kv"]
+    base = text_small.parent / f"{arch}-fa{fa}.kld"
+    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text_small), "-c", "128",
+                    "--chunks", "3", "-fa", fa, "--kl-divergence-base", str(base)], check=True, capture_output=True,
+                   env=dict(os.environ, ASVD_LATENT_KV="0"), timeout=300)
+    for b in ("512", "128"):
+        r = ppl(model, text_small, kl_base=base, extra=["-fa", fa, "-b", b])
+        assert r["kld"] < 1e-4, (arch, fa, b, r)
+
+
+def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small):
+    model = tiny["qwen2"]["kv"]
+    on = ppl(model, text_small, extra=["-lv", "4"])
+    off = ppl(model, text_small, extra=["-lv", "4"], env={"ASVD_LATENT_KV": "0"})
+    assert on["kv_mib"] == pytest.approx(off["kv_mib"] / 2, rel=0.01)  # r = 32 of 64
+    for fa in ("on", "off"):
+        q = ppl(model, text_small, extra=["-fa", fa, "-ctk", "q8_0", "-ctv", "q8_0"])
+        assert abs(q["ppl"] / on["ppl"] - 1) < 0.02
+
+
+def _generate(model: Path, latent: str) -> str:
+    res = subprocess.run([str(llamacpp.binary("llama-completion")), "-m", str(model), "-p", "Once upon a time",
+                          "-n", "96", "-c", "48", "--context-shift", "--ignore-eos", "-no-cnv", "--temp", "0",
+                          "-s", "1", "-t", "2", "--no-warmup"], capture_output=True, text=True, errors="replace", timeout=300,
+                         env=dict(os.environ, ASVD_LATENT_KV=latent))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_latent_kv_context_shift_generation(tiny):
+    """Test 4: generation past a 48-token context (context shift), same text with the latent cache on/off."""
+    model = tiny["llama"]["kv"]
+    on, off = _generate(model, "1"), _generate(model, "0")
+    assert len(on) > 100
+    assert on == off
