@@ -35,7 +35,8 @@ def test_apply_patches_names_the_failing_patch(tmp_path):
     src.mkdir()
     (src / "a.txt").write_text("one\ntwo\n")
     good = tmp_path / "0001-good.patch"
-    good.write_text("header\n---\ndiff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-two\n+three\n")
+    good.write_text("header\n---\ndiff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n"
+                    "@@ -1,2 +1,2 @@\n one\n-two\n+three\n")
     bad = tmp_path / "0002-bad.patch"
     bad.write_text("diff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-four\n+five\n")
     llamacpp.apply_patches(src, [good])
@@ -233,8 +234,8 @@ def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small):
 def _generate(model: Path, latent: str) -> str:
     res = subprocess.run([str(llamacpp.binary("llama-completion")), "-m", str(model), "-p", "Once upon a time",
                           "-n", "96", "-c", "48", "--context-shift", "--ignore-eos", "-no-cnv", "--temp", "0",
-                          "-s", "1", "-t", "2", "--no-warmup"], capture_output=True, text=True, errors="replace", timeout=300,
-                         env=dict(os.environ, ASVD_LATENT_KV=latent))
+                          "-s", "1", "-t", "2", "--no-warmup"], capture_output=True, text=True, errors="replace",
+                         timeout=300, env=dict(os.environ, ASVD_LATENT_KV=latent))
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 

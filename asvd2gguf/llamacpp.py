@@ -1,0 +1,328 @@
+"""The patched llama.cpp runtime: build it, find its binaries, run its perplexity tool.
+
+Why a build step of our own: factored GGUF files (docs/gguf-format.md) need a llama.cpp that
+loads factor pairs and, for the latent KV cache, caches B_k x / B_v x. We pin one llama.cpp tree
+(0c1e570, vendored in llama-cpp-python 0.3.36 on PyPI, sha256-checked by llama_source), apply the
+patch series in patches/ in order, drop in the ggml code of ggml_ops/, and build only the tools
+we use. Builds are cached under ~/.cache/asvd2gguf/llama.cpp by (source hash, hash of patches/
+and ggml_ops/, options), so a second call with nothing changed returns at once, and ccache
+makes a rebuild after a patch edit cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .errors import UserError
+from .llama_source import COMMIT, SDIST_SHA256, cache_root, source_tree
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PATCH_DIR = REPO_ROOT / "patches"
+OPS_DIR = REPO_ROOT / "ggml_ops"
+
+TARGETS = ("llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix")
+
+# where each kind of ggml_ops/ file goes in the tree (patches/0001 adds them to the build)
+_OPS_DEST = {
+    ".h": "ggml/include",
+    ".c": "ggml/src",
+    ".cpp": "ggml/src",
+    ".cu": "ggml/src/ggml-cuda",
+    ".cuh": "ggml/src/ggml-cuda",
+}
+
+_STAMP = ".asvd2gguf-complete"
+
+
+def _hash_dir(h: hashlib._Hash, folder: Path) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+
+
+def _series() -> list[Path]:
+    """The patches named in patches/series, in order (blank lines and # comments ignored)."""
+    series = PATCH_DIR / "series"
+    if not series.is_file():
+        raise UserError(f"missing patch series file {series}")
+    out = []
+    for line in series.read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        path = PATCH_DIR / name
+        if not path.is_file():
+            raise UserError(f"patch {name} is listed in patches/series but does not exist")
+        out.append(path)
+    return out
+
+
+def _options(cuda: bool) -> dict:
+    opts = {"cuda": bool(cuda)}
+    if cuda:
+        opts["cuda_archs"] = os.environ.get("CUDAARCHS", "")
+    return opts
+
+
+def build_key(cuda: bool = False) -> str:
+    """Cache key: source sha256, contents of patches/ and ggml_ops/, and the build options."""
+    h = hashlib.sha256()
+    h.update(SDIST_SHA256.encode() + b"\0")
+    h.update(b"patches\0")
+    _hash_dir(h, PATCH_DIR)
+    h.update(b"ggml_ops\0")
+    if OPS_DIR.is_dir():
+        _hash_dir(h, OPS_DIR)
+    h.update(json.dumps(_options(cuda), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _build_root(cuda: bool, prefix: Path | None) -> Path:
+    base = Path(prefix) if prefix is not None else cache_root() / "llama.cpp"
+    return base / f"{COMMIT}-{'cuda' if cuda else 'cpu'}-{build_key(cuda)}"
+
+
+def _say(console, msg: str) -> None:
+    if console is not None:
+        console.print(msg)
+
+
+def _prepare_source(root: Path, console) -> Path:
+    """Copy the pristine tree, apply the patch series, add ggml_ops/. Idempotent via a stamp."""
+    src = root / "src"
+    stamp = src / ".asvd2gguf-patched"
+    if stamp.is_file():
+        return src
+    if src.exists():
+        shutil.rmtree(src)
+    pristine = source_tree()
+    _say(console, f"[bold]copying[/] llama.cpp {COMMIT} to {src}")
+    shutil.copytree(pristine, src, symlinks=True)
+    git_file = src / ".git"  # the sdist keeps a submodule pointer that would confuse git apply
+    if git_file.is_file():
+        git_file.unlink()
+    apply_patches(src, _series(), console)
+    if OPS_DIR.is_dir():
+        for path in sorted(OPS_DIR.iterdir()):
+            dest = _OPS_DEST.get(path.suffix)
+            if dest is None or not path.is_file():
+                continue
+            shutil.copy2(path, src / dest / path.name)
+    stamp.write_text(json.dumps([p.name for p in _series()]))
+    return src
+
+
+def apply_patches(src: Path, patches: Iterable[Path], console=None) -> None:
+    """Apply patches to the tree src in order; the first that does not apply raises a
+    UserError naming it (each is checked before it is applied, so none is half-applied)."""
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(Path(src).resolve().parent))
+    for patch in patches:
+        _say(console, f"[bold]applying[/] {patch.name}")
+        for check in (True, False):
+            cmd = ["git", "apply", "--whitespace=nowarn", "-p1"] + (["--check"] if check else []) + [str(patch)]
+            res = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
+            if res.returncode != 0:
+                detail = (res.stderr or res.stdout).strip().splitlines()
+                raise UserError(f"patch {patch.name} does not apply to llama.cpp {COMMIT}: "
+                                f"{detail[0] if detail else 'git apply failed'}")
+
+
+def _run_logged(cmd: Sequence[str], log, env: dict, cwd: Path | None = None, progress=None, task=None) -> int:
+    """Run cmd, append its output to log, advance a rich progress bar from ninja's [n/N]."""
+    log.write(f"$ {' '.join(map(str, cmd))}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    pat = re.compile(r"^\[(\d+)/(\d+)\]")
+    for line in proc.stdout:
+        log.write(line)
+        m = pat.match(line)
+        if progress is not None and m:
+            progress.update(task, completed=int(m.group(1)), total=int(m.group(2)),
+                            description=line[m.end():].strip()[:60] or "building")
+    log.flush()
+    return proc.wait()
+
+
+def _last_error(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines()
+    for line in lines:
+        if "error" in line.lower() and ("error:" in line or "Error" in line):
+            return line.strip()[:200]
+    return (lines[-1].strip()[:200] if lines else "no output")
+
+
+def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, console=None) -> Path:
+    """Build (or find cached) patched llama.cpp and return the folder of its binaries.
+
+    cuda: configure with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS). jobs: parallel
+    compile jobs (default: CPU count). prefix: folder under which builds are kept (default
+    ~/.cache/asvd2gguf/llama.cpp). console: a rich Console for progress, or None for silence.
+    The full build output goes to <build root>/build.log.
+    """
+    root = _build_root(cuda, prefix)
+    bin_dir = root / "build" / "bin"
+    if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in TARGETS):
+        return bin_dir
+    for tool in ("cmake", "git"):
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool} is required to build llama.cpp but was not found on PATH")
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    src = _prepare_source(root, console)
+    build_dir = root / "build"
+    log_path = root / "build.log"
+    jobs = jobs or os.cpu_count() or 2
+    env = dict(os.environ)
+    ccache = shutil.which("ccache")
+    if ccache:
+        # relative paths below root make cache entries shareable between build roots
+        env.setdefault("CCACHE_BASEDIR", str(root))
+        env.setdefault("CCACHE_NOHASHDIR", "true")
+    cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+           f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+    if shutil.which("ninja"):
+        cfg += ["-G", "Ninja"]
+    with open(log_path, "a") as log:
+        _say(console, f"[bold]configuring[/] {'CUDA' if cuda else 'CPU'} build in {build_dir} (log: {log_path})")
+        if _run_logged(cfg, log, env) != 0:
+            raise UserError(f"cmake configure failed ({_last_error(log_path)}); see {log_path}")
+        cmd = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS]
+        progress = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            progress = Progress(TextColumn("[bold]building[/] {task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        if progress is not None:
+            with progress:
+                task = progress.add_task("llama.cpp", total=None)
+                rc = _run_logged(cmd, log, env, progress=progress, task=task)
+        else:
+            rc = _run_logged(cmd, log, env)
+        if rc != 0:
+            raise UserError(f"llama.cpp build failed ({_last_error(log_path)}); see {log_path}")
+    missing = [t for t in TARGETS if not (bin_dir / t).is_file()]
+    if missing:
+        raise UserError(f"build finished but {', '.join(missing)} is missing; see {log_path}")
+    (root / _STAMP).write_text(json.dumps({"key": build_key(cuda), "seconds": round(time.time() - t0, 1)}))
+    _say(console, f"built in {time.time() - t0:.0f} s")
+    return bin_dir
+
+
+def binary(name: str) -> Path:
+    """Path of one patched tool (building the CPU variant first if needed)."""
+    if name not in TARGETS:
+        raise UserError(f"unknown llama.cpp tool {name!r}; built tools: {', '.join(TARGETS)}")
+    return build() / name
+
+
+def _run_tool(cmd: list[str], env: dict | None = None) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
+    out = res.stdout + res.stderr
+    if res.returncode != 0:
+        lines = [ln for ln in out.splitlines() if ln.strip()]
+        err = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()),
+                   lines[-1] if lines else "")
+        raise UserError(f"{Path(cmd[0]).name} failed (exit {res.returncode}): {err.strip()[:300]}")
+    return out
+
+
+_NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+
+
+def parse_perplexity(out: str) -> dict:
+    """Numbers from llama-perplexity output: final PPL (+/-), KLD statistics, KV cache size."""
+    res: dict = {}
+    m = re.search(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, out)
+    if m:
+        res["ppl"], res["ppl_err"] = float(m.group(1)), float(m.group(2))
+    m = re.search(r"Mean PPL\(Q\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM, out)
+    if m:
+        res["ppl"], res["ppl_err"] = float(m.group(1)), float(m.group(2))
+    m = re.search(r"Mean PPL\(base\)\s*:\s*" + _NUM, out)
+    if m:
+        res["ppl_base"] = float(m.group(1))
+    m = re.search(r"Mean\s+KLD:\s*" + _NUM + r"\s*±\s*" + _NUM, out)
+    if m:
+        res["kld"], res["kld_err"] = float(m.group(1)), float(m.group(2))
+    m = re.search(r"Maximum KLD:\s*" + _NUM, out)
+    if m:
+        res["kld_max"] = float(m.group(1))
+    m = re.search(r"Same top p:\s*" + _NUM, out)
+    if m:
+        res["same_top_p"] = float(m.group(1)) / 100.0
+    m = re.search(r"calculating perplexity over (\d+) chunks", out)
+    if m:
+        res["chunks"] = int(m.group(1))
+    kv = [float(x) for x in re.findall(r"llama_kv_cache: size = \s*" + _NUM + r" MiB", out)]
+    if kv:
+        res["kv_mib"] = sum(kv)
+    return res
+
+
+def _kl_base_logits(base: Path, text: Path, ctx: int, chunks: int | None, threads: int, extra: Iterable[str]) -> Path:
+    """Base-model logits for --kl-divergence, computed once and cached by their inputs."""
+    st = base.stat()
+    key = hashlib.sha256(json.dumps([str(base.resolve()), st.st_size, st.st_mtime_ns, str(Path(text).resolve()),
+                                     ctx, chunks, list(extra)]).encode()).hexdigest()[:20]
+    out = cache_root() / "kld" / f"{base.stem}-{key}.kld"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    cmd = [str(binary("llama-perplexity")), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads),
+           "--kl-divergence-base", str(tmp)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    cmd += list(extra)
+    try:
+        _run_tool(cmd)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = None, threads: int = 2,
+               extra: Sequence[str] = (), kl_base: Path | None = None, env: dict | None = None) -> dict:
+    """Run the patched llama-perplexity on `model` over `text` and return its numbers.
+
+    Returns {"ppl", "ppl_err", "chunks", "kv_mib"} and, with kl_base, also {"kld", "kld_err",
+    "kld_max", "same_top_p", "ppl_base"}. kl_base is either a base model (.gguf: its logits are
+    computed once with --kl-divergence-base and cached) or an existing logits file. `extra` is
+    passed through (e.g. ["-fa", "on", "-ctk", "q8_0"]); `env` overrides the environment (e.g.
+    {"ASVD_LATENT_KV": "0"} for an A/B run of the latent cache).
+    """
+    model, text = Path(model), Path(text)
+    for p, what in ((model, "model"), (text, "text")):
+        if not p.is_file():
+            raise UserError(f"{what} file not found: {p}")
+    cmd = [str(binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if kl_base is not None:
+        kl_base = Path(kl_base)
+        if not kl_base.is_file():
+            raise UserError(f"base file not found: {kl_base}")
+        logits = kl_base
+        if kl_base.suffix == ".gguf":
+            logits = _kl_base_logits(kl_base, text, ctx, chunks, threads, extra)
+        cmd += ["--kl-divergence-base", str(logits), "--kl-divergence"]
+    cmd += list(extra)
+    full_env = dict(os.environ, **(env or {}))
+    out = _run_tool(cmd, env=full_env)
+    res = parse_perplexity(out)
+    if "ppl" not in res:
+        raise UserError(f"could not find a perplexity estimate in llama-perplexity's output for {model.name}")
+    return res
