@@ -45,8 +45,8 @@ def tail_curves(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> 
 
 def _tail(c: torch.Tensor) -> np.ndarray:
     d = c.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1)
-    tail = torch.cat([d.diagonal(), torch.zeros(1, dtype=d.dtype)])
-    return (0.5 * tail).clamp_min(0).numpy()
+    tail = torch.cat([d.diagonal(), torch.zeros(1, dtype=d.dtype, device=d.device)])
+    return (0.5 * tail).clamp_min(0).cpu().numpy()
 
 
 def tail_curve(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> np.ndarray:

@@ -97,12 +97,20 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / fp
     if (target / "config.json").is_file():
         return target
+    import gguf
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="float32")
+        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        reader = gguf.GGUFReader(gguf_path)
+        arch = reader.fields["general.architecture"].contents()
+        key_length = reader.fields.get(f"{arch}.attention.key_length")
+        if key_length is not None:  # transformers' GGUF mapping drops it (qwen3 would default to 128)
+            config.head_dim = int(key_length.contents())
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
+                                                     dtype="float32")
     except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
         raise UserError(f"cannot load {gguf_path} with transformers: {str(e).splitlines()[0]}") from None
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,13 @@ def test_other_methods_and_ppl_target(method, tiny_models, calib_text, cache_dir
     res2 = convert(_cfg(tiny_models["llama"], tmp_path / "t.gguf", calib_text, cache_dir, ratio=None,
                         ppl_target=base * 1.05, method=method))
     assert res2.calib_ppl <= base * 1.05 and res2.ratio < 1.0
+
+
+def test_gguf_source_round_trip_qwen3(tiny_models, calib_text, cache_dir, tmp_path):
+    """A .gguf source (qwen3: transformers' GGUF loader needs head_dim from key_length)."""
+    dense = tmp_path / "src.gguf"
+    convert(_cfg(tiny_models["qwen3"], dense, calib_text, cache_dir, ratio=1.0, dense=True))
+    res = convert(_cfg(dense, tmp_path / "out.gguf", calib_text, cache_dir, ratio=0.7, kv=0.75))
+    info = describe_gguf(tmp_path / "out.gguf")
+    assert info.arch == "qwen3" and info.ratio() <= 0.7 and info.ratio() == pytest.approx(res.ratio)
+    assert np.isfinite(res.calib_ppl)
