@@ -241,27 +241,24 @@ def _run_tool(cmd: list[str], env: dict | None = None) -> str:
 _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
 
 
+# (pattern, result keys, scale): later patterns win, so KLD runs report their Mean PPL(Q)
+_PPL_PATTERNS = (
+    (r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, ("ppl", "ppl_err"), 1.0),
+    (r"Mean PPL\(Q\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM, ("ppl", "ppl_err"), 1.0),
+    (r"Mean PPL\(base\)\s*:\s*" + _NUM, ("ppl_base",), 1.0),
+    (r"Mean\s+KLD:\s*" + _NUM + r"\s*±\s*" + _NUM, ("kld", "kld_err"), 1.0),
+    (r"Maximum KLD:\s*" + _NUM, ("kld_max",), 1.0),
+    (r"Same top p:\s*" + _NUM, ("same_top_p",), 0.01),
+)
+
+
 def parse_perplexity(out: str) -> dict:
     """Numbers from llama-perplexity output: final PPL (+/-), KLD statistics, KV cache size."""
     res: dict = {}
-    m = re.search(r"Final estimate: PPL = " + _NUM + r" \+/- " + _NUM, out)
-    if m:
-        res["ppl"], res["ppl_err"] = float(m.group(1)), float(m.group(2))
-    m = re.search(r"Mean PPL\(Q\)\s*:\s*" + _NUM + r"\s*±\s*" + _NUM, out)
-    if m:
-        res["ppl"], res["ppl_err"] = float(m.group(1)), float(m.group(2))
-    m = re.search(r"Mean PPL\(base\)\s*:\s*" + _NUM, out)
-    if m:
-        res["ppl_base"] = float(m.group(1))
-    m = re.search(r"Mean\s+KLD:\s*" + _NUM + r"\s*±\s*" + _NUM, out)
-    if m:
-        res["kld"], res["kld_err"] = float(m.group(1)), float(m.group(2))
-    m = re.search(r"Maximum KLD:\s*" + _NUM, out)
-    if m:
-        res["kld_max"] = float(m.group(1))
-    m = re.search(r"Same top p:\s*" + _NUM, out)
-    if m:
-        res["same_top_p"] = float(m.group(1)) / 100.0
+    for pattern, keys, scale in _PPL_PATTERNS:
+        m = re.search(pattern, out)
+        if m:
+            res.update({k: float(m.group(i + 1)) * scale for i, k in enumerate(keys)})
     m = re.search(r"calculating perplexity over (\d+) chunks", out)
     if m:
         res["chunks"] = int(m.group(1))
