@@ -64,7 +64,30 @@ def _check_reachable(opts, max_params, max_width) -> None:
 
 
 def _pick(opts: list[Options], lam: float, mu: float) -> list[int]:
-    return [int(np.argmin(o.cost + lam * o.params + mu * o.width)) for o in opts]
+    cost, params, width = _padded(opts)
+    return np.argmin(cost + lam * params + mu * width, axis=1).tolist()
+
+
+_PAD_CACHE: dict[int, tuple] = {}
+
+
+def _padded(opts: list[Options]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Options as (n_linears, max_options) arrays, padding never chosen: the bisections call
+    _pick thousands of times, so it must be one vectorised argmin."""
+    key = id(opts)
+    hit = _PAD_CACHE.get(key)
+    if hit is not None and hit[0] is opts:
+        return hit[1]
+    k = max(len(o.cost) for o in opts)
+    cost = np.full((len(opts), k), np.inf)
+    params = np.zeros((len(opts), k))
+    width = np.zeros((len(opts), k))
+    for i, o in enumerate(opts):
+        n = len(o.cost)
+        cost[i, :n], params[i, :n], width[i, :n] = o.cost, o.params, o.width
+    _PAD_CACHE.clear()
+    _PAD_CACHE[key] = (opts, (cost, params, width))
+    return cost, params, width
 
 
 def _total(opts, choice):
