@@ -106,6 +106,13 @@ def whitening_factor(gram: torch.Tensor) -> tuple[torch.Tensor, bool, str]:
     return q * e.sqrt(), False, "eigen fallback"
 
 
+def _right_unwhiten(m: torch.Tensor, lo: torch.Tensor, tri: bool) -> torch.Tensor:
+    """m L^-1 (= solve(L^T, m^T)^T): folds a whitening factor back out of the right side."""
+    if tri:
+        return torch.linalg.solve_triangular(lo.T, m.T, upper=True).T
+    return torch.linalg.solve(lo.T, m.T).T
+
+
 def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5, gram=None,
               out_gram=None, x_factor=None) -> Factorization:
     """Factorize W (m, n) by `method` using the input statistics of its group.
@@ -126,10 +133,7 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
     elif method == "whiten":
         lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
         u, s, vt = _svd(w64 @ lo)
-        if tri:  # vt L^-1 == solve(L^T, vt^T)^T
-            vt = torch.linalg.solve_triangular(lo.T, vt.T, upper=True).T
-        else:
-            vt = torch.linalg.solve(lo.T, vt.T).T
+        vt = _right_unwhiten(vt, lo, tri)
     elif method == "kfac":
         lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
         g = out_gram.to(w64.device).double()
@@ -137,11 +141,8 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
                                                                                           device=g.device)
         ro, rtri, note2 = whitening_factor(g)
         u, s, vt = _svd(ro.T @ w64 @ lo)
-        u = torch.linalg.solve_triangular(ro.T, u, upper=True) if rtri else torch.linalg.solve(ro.T, u)
-        if tri:
-            vt = torch.linalg.solve_triangular(lo.T, vt.T, upper=True).T
-        else:
-            vt = torch.linalg.solve(lo.T, vt.T).T
+        u = _right_unwhiten(u.T, ro, rtri).T  # R^-T U
+        vt = _right_unwhiten(vt, lo, tri)
         note = ", ".join(x for x in (note, note2) if x)
     else:
         raise ValueError(method)
