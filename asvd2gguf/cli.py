@@ -60,6 +60,12 @@ def convert(
     sweep_samples: int = typer.Option(4, help="Calibration windows used by --sensitivity ppl."),
     allocation: str = typer.Option("lagrange", help="lagrange | strs (the paper's threshold search)."),
     outtype: str = typer.Option("f16", help="f32 | f16 | bf16 for factors and dense tensors."),
+    quant: str = typer.Option("none", help="none | q8_0 | nf4 | iq4_nl: quantize the factors (and the dense block "
+                              "linears) while writing; token_embd/output then get q8_0 (see docs/gguf-format.md)."),
+    quant_dense: Optional[str] = typer.Option(None, help="Type of block linears left dense (default: --quant's)."),
+    quant_embd: Optional[str] = typer.Option(None, help="Type of token_embd/output (default: q8_0 with --quant, "
+                                             "else --outtype)."),
+    sigma_split: str = typer.Option("uv", help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
     dense: bool = typer.Option(False, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for models, statistics and sensitivities."),
@@ -71,12 +77,14 @@ def convert(
     cfg = ConvertConfig(model=model, out=out, force=force, ratio=ratio, ppl_target=ppl_target, kv=kv, calib=calib,
                         calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, method=method,
                         scaling=scaling, alpha=alpha, rank_align=rank_align, sensitivity=sensitivity,
-                        sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, dense=dense,
+                        sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
+                        quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
                         device=device, cache_dir=cache_dir)
     with progress_bar() as p:
         res = run(cfg, console, p)
     for f in res.fallbacks:
-        console.print(f"[yellow]warning:[/] non-finite factors in {f}: written dense (or exact latent) instead")
+        msg = f if ":" in f else f"non-finite factors in {f}: written dense (or exact latent) instead"
+        console.print(f"[yellow]warning:[/] {msg}")
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     out_console.print(f"wrote {res.out}", highlight=False)

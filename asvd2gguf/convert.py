@@ -25,8 +25,10 @@ from .blocks import BlockRunner, resolve_device
 from .calibrate import LayerStats, collect
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
-from .gguf_write import FORMAT_VERSION, OUTTYPES, BlockTensor, clean_stale_partials, write_gguf
+from .gguf_write import FORMAT_VERSION, OUTTYPES, QUANT_FILE_TYPES, BlockTensor, clean_stale_partials, write_gguf
 from .lowrank import factored_layer
+from .quantize import SIGMA_SPLITS, QuantPlan, encode, quantize_blocks
+from .quantize import plan as quant_plan
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
 from .text import calibration_windows, default_calibration, tokens_digest
@@ -52,6 +54,10 @@ class ConvertConfig:
     sweep_samples: int = 4
     allocation: str = "lagrange"
     outtype: str = "f16"
+    quant: str = "none"
+    quant_dense: str | None = None
+    quant_embd: str | None = None
+    sigma_split: str = "uv"
     dense: bool = False
     device: str = "auto"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "asvd2gguf")
@@ -89,6 +95,9 @@ def validate(cfg: ConvertConfig) -> None:
         raise UserError(f"unknown --sensitivity '{cfg.sensitivity}'; use one of {', '.join(SENSITIVITIES)}")
     if cfg.outtype not in OUTTYPES:
         raise UserError(f"unknown --outtype '{cfg.outtype}'; use one of {', '.join(OUTTYPES)}")
+    quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)  # raises on a bad choice
+    if cfg.sigma_split not in SIGMA_SPLITS:
+        raise UserError(f"unknown --sigma-split '{cfg.sigma_split}'; use one of {', '.join(SIGMA_SPLITS)}")
     if cfg.rank_align < 1:
         raise UserError("--rank-align must be at least 1")
     if not (0 < cfg.alpha <= 4):
@@ -204,12 +213,18 @@ def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tup
     """Calibration loss of the model compressed to `ranks` (rank 0: dense), or to the final `blocks`."""
     h = runner.embed(tokens)
     for i, layer in enumerate(runner.layers):
-        if blocks is not None:
-            fac = {bt.key: (bt.a, bt.b) for bt in blocks[i] if bt.a is not None}
+        if blocks is not None:  # factored linears, and dense ones whose written weight differs
+            fac = {bt.key: (bt.a, bt.b) if bt.a is not None else (bt.weight, None)
+                   for bt in blocks[i] if bt.a is not None or _replaced(layer, bt)}
         else:
             fac = {k: store.factorization(i, k).factors(r) for (li, k), r in ranks.items() if li == i and r}
         h = runner.run_block(i, h, factored_layer(layer, fac) if fac else None)
     return float(runner.loss(h, tokens).mean())
+
+
+def _replaced(layer, bt: BlockTensor) -> bool:
+    """A dense block tensor that is not the layer's own weight (e.g. its dequantized copy)."""
+    return bt.weight.data_ptr() != get_module(layer, SPEC[bt.key].module).weight.data_ptr()
 
 
 def cached_base_loss(runner, store: AnalysisStore, infos, tokens) -> float:
@@ -318,8 +333,14 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     ranks = ranks_of(infos, opts, alloc)
     st.done(f"rank allocation ({cfg.allocation}, {cfg.sensitivity})")
 
-    blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense)
-    loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense else blocks)
+    blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense, cfg.sigma_split)
+    qplan = quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)
+    seen = blocks
+    if qplan.active:
+        blocks, seen, qfall = quantize_blocks(blocks, qplan, device, progress)
+        fallbacks += qfall
+        st.done(f"quantized block linears (factors {qplan.factors}, dense {qplan.dense})")
+    loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense and not qplan.active else seen)
     base_loss = cached_base_loss(runner, store, infos, tokens)
     st.done("calibration perplexity of the result")
     kept = {(inf.layer, inf.key): (ranks[(inf.layer, inf.key)] * (inf.m + inf.n) or inf.m * inf.n,
@@ -334,13 +355,24 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     c = src.model.config
     donor, extra = donor_for(src, cfg)
     write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
-               lambda i: blocks[i], extra, meta, cfg.outtype, progress)
+               lambda i: blocks[i], extra, meta, cfg.outtype, progress,
+               nonblock_map=_embd_encoder(qplan, fallbacks, device) if qplan.active else None,
+               file_type=QUANT_FILE_TYPES.get(qplan.dense if cfg.dense or not any(ranks.values()) else qplan.factors))
     st.done("GGUF written")
     return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks,
                   store.root)
 
 
-def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: bool):
+def _embd_encoder(qplan: QuantPlan, fallbacks: list[str], device):
+    """token_embd / output at the plan's embedding type; other non-block tensors as they are."""
+    def enc(name: str, arr):
+        if name in ("token_embd.weight", "output.weight") and np.ndim(arr) == 2:
+            return encode(torch.as_tensor(np.ascontiguousarray(arr)), qplan.embd, name, fallbacks, device)
+        return arr
+    return enc
+
+
+def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: bool, split: str = "uv"):
     """The tensors to write per layer; a linear whose factors are not finite falls back to dense."""
     blocks: list[list[BlockTensor]] = []
     fallbacks = []
@@ -352,7 +384,7 @@ def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: 
             if not r:
                 row.append(BlockTensor(spec.gguf, weight=w))
                 continue
-            a, b = store.factorization(i, spec.key).factors(r)
+            a, b = store.factorization(i, spec.key).factors(r, split)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 fallbacks.append(f"blk.{i}.{spec.gguf}")
                 if latent and spec.key in KV_KEYS:  # exact full-width latent: A = I, B = W
@@ -385,6 +417,8 @@ def asvd_metadata(cfg, calib_spec, ratio, kv, latent, rank_table, calib_ppl) -> 
         "asvd.kv.achieved": (float(kv), V.FLOAT32),
         "asvd.kv.latent": (bool(latent), V.BOOL),
         "asvd.calibration": (calib_desc, V.STRING),
+        "asvd.quant": (cfg.quant, V.STRING),
+        "asvd.sigma_split": (cfg.sigma_split, V.STRING),
     }
     for k in LINEAR_KEYS:
         meta[f"asvd.rank.{SPEC[k].gguf}"] = ([int(x) for x in rank_table[k]], V.ARRAY)

@@ -34,9 +34,18 @@ class Factorization:
     def max_rank(self) -> int:
         return self.s.shape[0]
 
-    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (m, r) and B (r, n) with sqrt(Sigma) split into both."""
-        root = self.s[:r].sqrt().to(self.U.dtype)
+    def factors(self, r: int, split: str = "uv") -> tuple[torch.Tensor, torch.Tensor]:
+        """A (m, r) and B (r, n); Sigma goes half into each ("uv"), or all into A ("u") or B ("v").
+
+        The product is the same; the split decides how well each factor quantizes (the paper's
+        Table 6: "uv" is best, since both factors then have comparable row scales).
+        """
+        s = self.s[:r].to(self.U.dtype)
+        if split == "u":
+            return self.U[:, :r] * s, self.Vt[:r].clone()
+        if split == "v":
+            return self.U[:, :r].clone(), s[:, None] * self.Vt[:r]
+        root = s.sqrt()
         return self.U[:, :r] * root, root[:, None] * self.Vt[:r]
 
     def weight(self, r: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from .arch import LINEARS, get_module, set_module, unpermute_rows_for_llama
 from .errors import UserError
 from .lowrank import LowRankLinear
+from .quants import dequantize
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
@@ -35,7 +36,7 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
 
 def tensor_array(t) -> np.ndarray:
     """A reader tensor as float32 in numpy (rows, cols) order."""
-    arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    arr = dequantize(t.data, t.tensor_type)
     return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 

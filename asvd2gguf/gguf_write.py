@@ -21,6 +21,7 @@ import torch
 
 from .arch import LINEARS, permute_rows_for_llama
 from .errors import UserError
+from .quants import Quantized, dequantize
 
 FORMAT_VERSION = 1
 OUTTYPES = {
@@ -29,6 +30,8 @@ OUTTYPES = {
     "bf16": (None, gguf.LlamaFileType.MOSTLY_BF16),
 }
 BLOCK_WEIGHT_SUFFIXES = tuple(f".{s.gguf}.weight" for s in LINEARS)
+# general.file_type when the block linears are quantized (llama_ftype; NF4 is patch 0004's)
+QUANT_FILE_TYPES = {"q8_0": 7, "iq4_nl": 25, "nf4": 42}
 
 
 @dataclass
@@ -36,13 +39,17 @@ class BlockTensor:
     """One block linear as written: dense weight, or the factor pair."""
 
     key: str
-    weight: torch.Tensor | None = None  # (n_out, n_in)
-    a: torch.Tensor | None = None  # (n_out, r)
-    b: torch.Tensor | None = None  # (r, n_in)
+    weight: torch.Tensor | Quantized | None = None  # (n_out, n_in)
+    a: torch.Tensor | Quantized | None = None  # (n_out, r)
+    b: torch.Tensor | Quantized | None = None  # (r, n_in)
 
 
-def _np(t: torch.Tensor | np.ndarray, outtype: str):
-    """Float tensors at the chosen type; 1-D ones (norms, biases) stay F32 as llama.cpp expects."""
+def _np(t: torch.Tensor | np.ndarray | Quantized, outtype: str):
+    """Float tensors at the chosen type; 1-D ones (norms, biases) stay F32 as llama.cpp expects.
+
+    Quantized tensors are written as their raw blocks."""
+    if isinstance(t, Quantized):
+        return t.data.cpu().numpy(), t.qtype
     arr = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float32)
     if arr.ndim == 1 or outtype == "f32":
         return arr.astype(np.float32), None
@@ -65,7 +72,7 @@ def donor_tensors(reader: gguf.GGUFReader) -> Iterable[tuple[str, np.ndarray]]:
     for t in reader.tensors:
         if t.name.endswith(BLOCK_WEIGHT_SUFFIXES):
             continue
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = dequantize(t.data, t.tensor_type)
         yield t.name, np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
@@ -81,8 +88,14 @@ def write_gguf(
     asvd_meta: dict,
     outtype: str = "f16",
     progress=None,
+    nonblock_map: Callable[[str, np.ndarray], object] | None = None,
+    file_type: int | None = None,
 ) -> None:
-    """Write atomically; `extra_tensors` replaces the donor's non-block tensors when given."""
+    """Write atomically; `extra_tensors` replaces the donor's non-block tensors when given.
+
+    `nonblock_map` may turn a non-block tensor into another (e.g. a Quantized embedding);
+    `file_type` overrides the general.file_type that `outtype` implies.
+    """
     reader = gguf.GGUFReader(donor)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
@@ -90,7 +103,7 @@ def write_gguf(
     base_name = name_field.contents() if name_field is not None else out.stem
     _copy_kv(writer, reader, {"general.architecture", "general.name", "general.file_type"})
     writer.add_name(f"{base_name} (ASVD)")
-    writer.add_file_type(int(OUTTYPES[outtype][1]))
+    writer.add_file_type(int(OUTTYPES[outtype][1]) if file_type is None else file_type)
     for k, (v, vt) in asvd_meta.items():
         if vt == gguf.GGUFValueType.ARRAY:
             writer.add_array(k, v)
@@ -98,7 +111,7 @@ def write_gguf(
             writer.add_key_value(k, v, vt)
 
     for name, arr in extra_tensors if extra_tensors is not None else donor_tensors(reader):
-        data, raw = _np(arr, outtype)
+        data, raw = _np(nonblock_map(name, arr) if nonblock_map else arr, outtype)
         writer.add_tensor(name, data, raw_dtype=raw)
 
     task = progress.add_task("writing", total=n_layer) if progress else None
@@ -108,13 +121,13 @@ def write_gguf(
             permute = arch == "llama" and bt.key in ("attn_q", "attn_k")
             heads = n_head if bt.key == "attn_q" else n_head_kv
             if bt.weight is not None:
-                w = permute_rows_for_llama(bt.weight, heads) if permute else bt.weight
+                w = _permuted(bt.weight, heads) if permute else bt.weight
                 data, raw = _np(w, outtype)
                 writer.add_tensor(f"{base}.weight", data, raw_dtype=raw)
             else:
-                a = permute_rows_for_llama(bt.a, heads) if permute else bt.a
+                a = _permuted(bt.a, heads) if permute else bt.a
                 for suffix, t in (("lr_in", bt.b), ("lr_out", a)):
-                    if not bool(torch.isfinite(t).all()):
+                    if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
                         raise ValueError(f"non-finite values in {base}.{suffix}")
                     data, raw = _np(t, outtype)
                     writer.add_tensor(f"{base}.{suffix}.weight", data, raw_dtype=raw)
@@ -135,6 +148,13 @@ def write_gguf(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _permuted(t, heads: int):
+    """Row permutation of a float or quantized tensor (quantized blocks never span rows)."""
+    if isinstance(t, Quantized):
+        return Quantized(t.qtype, permute_rows_for_llama(t.data, heads), t.shape)
+    return permute_rows_for_llama(t, heads)
 
 
 def clean_stale_partials(out: Path) -> None:

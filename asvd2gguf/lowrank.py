@@ -31,8 +31,11 @@ class LowRankLinear(nn.Module):
         return self.lr_out(self.lr_in(x))
 
 
-def factored_layer(layer: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], copy_layer: bool = True):
+def factored_layer(layer: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                   copy_layer: bool = True):
     """The block with the given linears replaced by LowRankLinear (a shallow copy by default).
+
+    A pair (W, None) replaces the linear's weight by W instead.
 
     The copy shares every untouched parameter with the original, so trying a candidate costs
     only the new factors' memory.
@@ -48,5 +51,15 @@ def factored_layer(layer: nn.Module, factors: dict[str, tuple[torch.Tensor, torc
         path = SPEC[key].module
         old = get_module(layer, path)
         bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        if b is None:  # a replacement dense weight (e.g. the dequantized one)
+            lin = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=old.weight.dtype,
+                            device=old.weight.device)
+            with torch.no_grad():
+                lin.weight.copy_(a)
+                if bias is not None:
+                    lin.bias.copy_(bias)
+            lin.requires_grad_(False)
+            set_module(new, path, lin)
+            continue
         set_module(new, path, LowRankLinear(a.to(old.weight.dtype), b.to(old.weight.dtype), bias))
     return new

@@ -1,0 +1,100 @@
+"""The quantize stage: which ggml type each written tensor gets, and the quantized tensors.
+
+Policy (`--quant MODE`, overridable per group):
+
+| group | none | q8_0 | nf4 | iq4_nl |
+|---|---|---|---|---|
+| factors lr_in / lr_out | --outtype | Q8_0 | NF4 | IQ4_NL |
+| dense block linears (`--quant-dense`) | --outtype | Q8_0 | NF4 | IQ4_NL |
+| token_embd, output (`--quant-embd`) | --outtype | Q8_0 | Q8_0 | Q8_0 |
+| norms, biases (1-D) | F32 | F32 | F32 | F32 |
+
+Embeddings and the output head stay at 8 bits in the 4-bit modes, as llama.cpp's own 4-bit
+presets keep them above the block linears: they are few parameters and the most sensitive.
+A tensor whose row length is not a multiple of 32 cannot take a block type; it falls back to
+--outtype and is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import UserError
+from .quants import QUANTIZERS, Quantized, dequantize_torch
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_MODES = ("none", *QUANTIZERS)
+SIGMA_SPLITS = ("uv", "u", "v")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    factors: str
+    dense: str
+    embd: str
+    outtype: str
+
+    @property
+    def active(self) -> bool:
+        return any(t in QUANTIZERS for t in (self.factors, self.dense, self.embd))
+
+
+def plan(quant: str, outtype: str, dense: str | None = None, embd: str | None = None) -> QuantPlan:
+    """The per-group types for a mode; raises UserError naming a bad choice."""
+    if quant not in QUANT_MODES:
+        raise UserError(f"unknown --quant '{quant}'; use one of {', '.join(QUANT_MODES)}")
+    allowed = (*FLOAT_TYPES, *QUANTIZERS)
+    for opt, val in (("--quant-dense", dense), ("--quant-embd", embd)):
+        if val is not None and val not in allowed:
+            raise UserError(f"unknown {opt} '{val}'; use one of {', '.join(allowed)}")
+    base = outtype if quant == "none" else quant
+    return QuantPlan(factors=base, dense=dense or base, embd=embd or ("q8_0" if quant != "none" else outtype),
+                     outtype=outtype)
+
+
+def encode(t: torch.Tensor, qtype: str, name: str, fallbacks: list[str] | None = None,
+           device: torch.device | None = None):
+    """`t` in block type `qtype` (a Quantized on the CPU), or `t` itself for a float type."""
+    if qtype not in QUANTIZERS or t.ndim != 2:
+        return t
+    if t.shape[1] % 32:
+        if fallbacks is not None:
+            fallbacks.append(f"{name}: row length {t.shape[1]} is not a multiple of 32, kept as float")
+        return t
+    q = QUANTIZERS[qtype](t.to(device) if device is not None else t)
+    return replace(q, data=q.data.cpu())
+
+
+def decoded(t) -> torch.Tensor:
+    """What the runtime computes with: the dequantized tensor, or the float one."""
+    return dequantize_torch(t) if isinstance(t, Quantized) else t
+
+
+def quantize_blocks(blocks: list, qplan: QuantPlan, device: torch.device | None = None, progress=None):
+    """Quantize every block linear per the plan: (blocks for writing, blocks as decoded, fallbacks).
+
+    The decoded copy lets the converter report the calibration perplexity of what is written.
+    """
+    fallbacks: list[str] = []
+    written, seen = [], []
+    task = progress.add_task(f"quantizing ({qplan.factors})", total=len(blocks)) if progress else None
+    for i, row in enumerate(blocks):
+        wrow, drow = [], []
+        for bt in row:
+            base = f"blk.{i}.{bt.key}"
+            if bt.weight is not None:
+                w = encode(bt.weight, qplan.dense, f"{base}.weight", fallbacks, device)
+                wrow.append(replace(bt, weight=w))
+                drow.append(replace(bt, weight=decoded(w)))
+            else:
+                a = encode(bt.a, qplan.factors, f"{base}.lr_out.weight", fallbacks, device)
+                b = encode(bt.b, qplan.factors, f"{base}.lr_in.weight", fallbacks, device)
+                wrow.append(replace(bt, a=a, b=b))
+                drow.append(replace(bt, a=decoded(a), b=decoded(b)))
+        written.append(wrow)
+        seen.append(drow)
+        if progress:
+            progress.advance(task)
+    return written, seen, fallbacks
