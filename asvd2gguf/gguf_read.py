@@ -15,21 +15,22 @@ import torch
 
 from .arch import LINEARS, get_module, set_module, unpermute_rows_for_llama
 from .errors import UserError
+from .gguf_fast import FastGGUFReader
 from .lowrank import LowRankLinear
 from .quants import dequantize
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
+def open_gguf(path: Path) -> FastGGUFReader:
     if not Path(path).is_file():
         raise UserError(f"GGUF file not found: {path}")
     try:
-        return gguf.GGUFReader(path)
+        return FastGGUFReader(path)
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"not a readable GGUF file: {path} ({why})") from None
 
 
-def field_value(reader: gguf.GGUFReader, key: str, default=None):
+def field_value(reader: FastGGUFReader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 

