@@ -109,9 +109,14 @@ def quantize_q8_0(x: torch.Tensor) -> Quantized:
 
 
 def _best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """best_index_int8: nearest codebook entry, ties to the upper one, clamped at the ends."""
-    mu = torch.searchsorted(values, x.contiguous(), right=True).clamp(1, values.numel() - 1)
-    lo, hi = values[mu - 1], values[mu]
+    """best_index_int8: nearest codebook entry, ties to the upper one, clamped at the ends.
+
+    The codebook holds integers, so "entries <= x" equals "entries <= floor(x)": one table
+    lookup instead of a binary search (searchsorted was most of IQ4_NL's time).
+    """
+    lut = (torch.arange(-128, 128, device=x.device, dtype=values.dtype)[:, None] >= values).sum(1)
+    mu = torch.take(lut, (torch.floor(x).clamp(-128, 127) + 128).long()).clamp(1, values.numel() - 1)
+    lo, hi = torch.take(values, mu - 1), torch.take(values, mu)
     idx = torch.where(x - lo < hi - x, mu - 1, mu)
     idx = torch.where(x <= values[0], 0, idx)
     return torch.where(x >= values[-1], values.numel() - 1, idx)
@@ -119,14 +124,14 @@ def _best_index(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _weighted_sums(values, xb, w, inv):
     """sum_j w q x and sum_j w q q, accumulated left to right as the C loop does."""
-    q = values[_best_index(values, inv[:, None] * xb)]
+    q = torch.take(values, _best_index(values, inv[:, None] * xb))
     wq = w * q
-    px, pq = wq * xb, wq * q
+    px, pq = (wq * xb).T.contiguous(), (wq * q).T.contiguous()
     sx = torch.zeros(xb.shape[0], dtype=xb.dtype, device=xb.device)
     sq = torch.zeros_like(sx)
     for j in range(xb.shape[1]):
-        sx = sx + px[:, j]
-        sq = sq + pq[:, j]
+        sx += px[j]
+        sq += pq[j]
     return sx, sq
 
 
