@@ -29,8 +29,10 @@ PATCH_DIR = REPO_ROOT / "patches"
 OPS_DIR = REPO_ROOT / "ggml_ops"
 
 TARGETS = ("llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix")
+# extra targets of a build with tests=True (LLAMA_BUILD_TESTS=ON): ggml's op and quantization tests
+TEST_TARGETS = ("test-backend-ops", "test-quantize-fns")
 
-# where each kind of ggml_ops/ file goes in the tree (patches/0001 adds them to the build)
+# where each kind of ggml_ops/ file goes in the tree (patches/0001 and 0004 add them to the build)
 _OPS_DEST = {
     ".h": "ggml/include",
     ".c": "ggml/src",
@@ -38,6 +40,8 @@ _OPS_DEST = {
     ".cu": "ggml/src/ggml-cuda",
     ".cuh": "ggml/src/ggml-cuda",
 }
+# files in these ggml_ops/ subfolders belong to one backend: ggml_ops/<name>/* -> ggml/src/<name>/
+_OPS_BACKEND_DIRS = ("ggml-cpu", "ggml-cuda")
 
 _STAMP = ".asvd2gguf-complete"
 
@@ -65,14 +69,20 @@ def _series() -> list[Path]:
     return out
 
 
-def _options(cuda: bool) -> dict:
+def _options(cuda: bool, tests: bool = False) -> dict:
     opts = {"cuda": bool(cuda)}
     if cuda:
         opts["cuda_archs"] = os.environ.get("CUDAARCHS", "")
+    if tests:
+        opts["tests"] = True
     return opts
 
 
-def build_key(cuda: bool = False) -> str:
+def _targets(tests: bool) -> tuple[str, ...]:
+    return TARGETS + (TEST_TARGETS if tests else ())
+
+
+def build_key(cuda: bool = False, tests: bool = False) -> str:
     """Cache key: source sha256, contents of patches/ and ggml_ops/, and the build options."""
     h = hashlib.sha256()
     h.update(SDIST_SHA256.encode() + b"\0")
@@ -81,13 +91,14 @@ def build_key(cuda: bool = False) -> str:
     h.update(b"ggml_ops\0")
     if OPS_DIR.is_dir():
         _hash_dir(h, OPS_DIR)
-    h.update(json.dumps(_options(cuda), sort_keys=True).encode())
+    h.update(json.dumps(_options(cuda, tests), sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def _build_root(cuda: bool, prefix: Path | None) -> Path:
+def _build_root(cuda: bool, prefix: Path | None, tests: bool = False) -> Path:
     base = Path(prefix) if prefix is not None else cache_root() / "llama.cpp"
-    return base / f"{COMMIT}-{'cuda' if cuda else 'cpu'}-{build_key(cuda)}"
+    kind = ("cuda" if cuda else "cpu") + ("-tests" if tests else "")
+    return base / f"{COMMIT}-{kind}-{build_key(cuda, tests)}"
 
 
 def _say(console, msg: str) -> None:
@@ -116,8 +127,21 @@ def _prepare_source(root: Path, console) -> Path:
             if dest is None or not path.is_file():
                 continue
             shutil.copy2(path, src / dest / path.name)
+        for sub in _OPS_BACKEND_DIRS:
+            folder = OPS_DIR / sub
+            if folder.is_dir():
+                for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                    shutil.copy2(path, src / "ggml" / "src" / sub / path.name)
     stamp.write_text(json.dumps([p.name for p in _series()]))
     return src
+
+
+def patched_source(cuda: bool = False, prefix: Path | None = None, console=None) -> Path:
+    """The patched llama.cpp tree (patches applied, ggml_ops/ added) of the build with these
+    options, prepared if needed without building: e.g. for scripts/check_cuda.sh."""
+    root = _build_root(cuda, prefix)
+    root.mkdir(parents=True, exist_ok=True)
+    return _prepare_source(root, console)
 
 
 def apply_patches(src: Path, patches: Iterable[Path], console=None) -> None:
@@ -161,17 +185,21 @@ def _last_error(log_path: Path) -> str:
     return (lines[-1].strip()[:200] if lines else "no output")
 
 
-def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, console=None) -> Path:
+def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, console=None,
+          tests: bool = False) -> Path:
     """Build (or find cached) patched llama.cpp and return the folder of its binaries.
 
     cuda: configure with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS). jobs: parallel
     compile jobs (default: CPU count). prefix: folder under which builds are kept (default
     ~/.cache/asvd2gguf/llama.cpp). console: a rich Console for progress, or None for silence.
+    tests: also build TEST_TARGETS (LLAMA_BUILD_TESTS=ON); a separate build root and key, so
+    the default build stays lean (with ccache the test build recompiles little).
     The full build output goes to <build root>/build.log.
     """
-    root = _build_root(cuda, prefix)
+    root = _build_root(cuda, prefix, tests)
     bin_dir = root / "build" / "bin"
-    if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in TARGETS):
+    targets = _targets(tests)
+    if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets):
         return bin_dir
     for tool in ("cmake", "git"):
         if shutil.which(tool) is None:
@@ -189,7 +217,7 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
         env.setdefault("CCACHE_BASEDIR", str(root))
         env.setdefault("CCACHE_NOHASHDIR", "true")
     cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+           f"-DLLAMA_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
            "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
            f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
     if shutil.which("ninja"):
@@ -198,7 +226,7 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
         _say(console, f"[bold]configuring[/] {'CUDA' if cuda else 'CPU'} build in {build_dir} (log: {log_path})")
         if _run_logged(cfg, log, env) != 0:
             raise UserError(f"cmake configure failed ({_last_error(log_path)}); see {log_path}")
-        cmd = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TARGETS]
+        cmd = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
         progress = None
         if console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -212,18 +240,21 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
             rc = _run_logged(cmd, log, env)
         if rc != 0:
             raise UserError(f"llama.cpp build failed ({_last_error(log_path)}); see {log_path}")
-    missing = [t for t in TARGETS if not (bin_dir / t).is_file()]
+    missing = [t for t in targets if not (bin_dir / t).is_file()]
     if missing:
         raise UserError(f"build finished but {', '.join(missing)} is missing; see {log_path}")
-    (root / _STAMP).write_text(json.dumps({"key": build_key(cuda), "seconds": round(time.time() - t0, 1)}))
+    (root / _STAMP).write_text(json.dumps({"key": build_key(cuda, tests), "seconds": round(time.time() - t0, 1)}))
     _say(console, f"built in {time.time() - t0:.0f} s")
     return bin_dir
 
 
 def binary(name: str) -> Path:
-    """Path of one patched tool (building the CPU variant first if needed)."""
+    """Path of one patched tool (building the CPU variant first if needed; a TEST_TARGETS name
+    comes from the tests=True build)."""
+    if name in TEST_TARGETS:
+        return build(tests=True) / name
     if name not in TARGETS:
-        raise UserError(f"unknown llama.cpp tool {name!r}; built tools: {', '.join(TARGETS)}")
+        raise UserError(f"unknown llama.cpp tool {name!r}; built tools: {', '.join(TARGETS + TEST_TARGETS)}")
     return build() / name
 
 
