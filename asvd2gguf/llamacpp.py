@@ -11,6 +11,8 @@ makes a rebuild after a patch edit cheap.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -101,6 +103,19 @@ def _build_root(cuda: bool, prefix: Path | None, tests: bool = False) -> Path:
     return base / f"{COMMIT}-{kind}-{build_key(cuda, tests)}"
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Hold an exclusive lock on a build root: two processes building the same key (two test
+    sessions, two engineers) would otherwise delete and re-copy each other's source tree."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _say(console, msg: str) -> None:
     if console is not None:
         console.print(msg)
@@ -140,8 +155,8 @@ def patched_source(cuda: bool = False, prefix: Path | None = None, console=None)
     """The patched llama.cpp tree (patches applied, ggml_ops/ added) of the build with these
     options, prepared if needed without building: e.g. for scripts/check_cuda.sh."""
     root = _build_root(cuda, prefix)
-    root.mkdir(parents=True, exist_ok=True)
-    return _prepare_source(root, console)
+    with _locked(root):
+        return _prepare_source(root, console)
 
 
 def apply_patches(src: Path, patches: Iterable[Path], console=None) -> None:
@@ -201,10 +216,17 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
     targets = _targets(tests)
     if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets):
         return bin_dir
+    with _locked(root):
+        if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets):
+            return bin_dir  # built by another process while this one waited
+        return _build_locked(root, cuda, jobs, console, tests, targets)
+
+
+def _build_locked(root: Path, cuda: bool, jobs: int | None, console, tests: bool, targets: tuple[str, ...]) -> Path:
+    bin_dir = root / "build" / "bin"
     for tool in ("cmake", "git"):
         if shutil.which(tool) is None:
             raise UserError(f"{tool} is required to build llama.cpp but was not found on PATH")
-    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     src = _prepare_source(root, console)
     build_dir = root / "build"
