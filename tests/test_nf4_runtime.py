@@ -417,6 +417,16 @@ def test_llama_quantize_nf4_factored(bins, tiny_f16, nf4_files, text_small):
     assert r_nf4["kld"] < 1.3 * r_iq4["kld"]
 
 
+def test_nf4_batched_matmul_matches_single_token(bins, nf4_files, text_small, tmp_path):
+    """Prompt batches go through llamafile's tinyBLAS NF4 path, single tokens (-ub 1) through
+    ggml_vec_dot_nf4_q8_0 (checked above against numpy): the two must agree to rounding."""
+    base = tmp_path / "nf4-ub1.kld"
+    run_ppl(bins, nf4_files["lr32"], text_small, "-b", "1", "-ub", "1", "--kl-divergence-base", str(base))
+    _, _, r = run_ppl(bins, nf4_files["lr32"], text_small, "--kl-divergence-base", str(base), "--kl-divergence")
+    print(f"NF4 batched vs single-token: mean KLD {r['kld']:.2e}, max {r['kld_max']:.2e}")
+    assert r["kld"] < 1e-3 and r["kld_max"] < 1e-2, r
+
+
 def test_llama_quantize_nf4_fallback(bins, tiny_f16, nf4_files, text_small):
     log = nf4_files["log48"]
     fallbacks = re.findall(r"(blk\.\d+\.\w+\.lr_out\.weight) +- ncols +48 not divisible by +32 "
