@@ -13,7 +13,8 @@
 # checked for the NF4 kernels (their names appear in the host symbols).
 #
 # nvcc: $NVCC, else nvcc on PATH, else /usr/local/cuda*/bin/nvcc, else the PyPI wheels
-# nvidia-cuda-nvcc-cu12 + nvidia-cuda-runtime-cu12 installed into the cache (pip --target).
+# nvidia-cuda-nvcc + -runtime + -cccl (CUDA 13, about 330 MB) installed into the cache with
+# pip --target (CHECK_CUDA_WHEELS_ONLY=1 forces this path, to test it where nvcc exists).
 # cuBLAS headers: the real cublas_v2.h when the toolkit or $CUBLAS_INCLUDE has it, else a
 # minimal stub with only the declarations ggml-cuda uses (compiling needs no more).
 # Only when no nvcc can be had at all it prints "SKIP: ..." and exits 0.
@@ -43,22 +44,34 @@ for f in "${FILES[@]}"; do
   [ -f "$SRC/$f" ] || { echo "FAIL: $SRC/$f does not exist (not a llama.cpp tree?)"; exit 1; }
 done
 
+WHEELS="$CACHE/cuda-wheels"
+
 find_nvcc() {
-  if [ -n "${NVCC:-}" ] && [ -x "${NVCC}" ]; then echo "$NVCC"; return 0; fi
-  if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return 0; fi
   local c
-  for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc "$CACHE"/cuda-wheels/nvidia/cuda_nvcc/bin/nvcc; do
-    if [ -x "$c" ]; then echo "$c"; return 0; fi
-  done
+  if [ -z "${CHECK_CUDA_WHEELS_ONLY:-}" ]; then  # set it to test the wheel fallback on a machine with nvcc
+    if [ -n "${NVCC:-}" ] && [ -x "${NVCC}" ]; then echo "$NVCC"; return 0; fi
+    if command -v nvcc >/dev/null 2>&1; then command -v nvcc; return 0; fi
+    for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do
+      if [ -x "$c" ]; then echo "$c"; return 0; fi
+    done
+  fi
+  if [ -f "$WHEELS/.asvd2gguf-complete" ]; then
+    for c in "$WHEELS"/nvidia/cu*/bin/nvcc; do
+      if [ -x "$c" ]; then echo "$c"; return 0; fi
+    done
+  fi
   return 1
 }
 
 NVCC_BIN=$(find_nvcc || true)
 if [ -z "$NVCC_BIN" ]; then
-  echo "nvcc not found; trying the nvidia-cuda-nvcc-cu12 / nvidia-cuda-runtime-cu12 wheels from PyPI"
+  # the CUDA 13 wheels hold a toolkit tree (nvidia/cu13/{bin/nvcc,nvvm,include}); the
+  # nvidia-cuda-nvcc-cu12 wheel has only ptxas. CCCL (nv/target, cuda/std) is its own wheel.
+  echo "nvcc not found; trying the nvidia-cuda-nvcc / -runtime / -cccl wheels from PyPI"
   PY=${PYTHON:-python3}
-  if "$PY" -m pip install -q --disable-pip-version-check --target "$CACHE/cuda-wheels" \
-      nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --disable-pip-version-check --upgrade --target "$WHEELS" \
+      nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cuda-cccl >/dev/null 2>&1; then
+    touch "$WHEELS/.asvd2gguf-complete"
     NVCC_BIN=$(find_nvcc || true)
   fi
 fi
@@ -67,11 +80,13 @@ if [ -z "$NVCC_BIN" ]; then
   exit 0
 fi
 
-# include folders of a wheel-installed toolkit (cuda_runtime.h etc. live in separate wheels)
+# include folders of a wheel-installed toolkit
 EXTRA_INC=()
 case "$NVCC_BIN" in
-  "$CACHE"/cuda-wheels/*)
-    for d in "$CACHE"/cuda-wheels/nvidia/*/include; do EXTRA_INC+=(-I "$d"); done ;;
+  "$WHEELS"/*)
+    for d in "$WHEELS"/nvidia/*/include "$WHEELS"/nvidia/*/include/cccl; do
+      if [ -d "$d" ]; then EXTRA_INC+=(-I "$d"); fi
+    done ;;
 esac
 
 TMP=$(mktemp -d)
@@ -79,7 +94,7 @@ trap 'rm -rf "$TMP"' EXIT
 
 # cuBLAS: real headers when there are some, else the stub
 CUBLAS_INC=""
-for d in "${CUBLAS_INCLUDE:-}" "$(dirname "$NVCC_BIN")/../include" "$CACHE"/cuda-wheels/nvidia/cublas/include; do
+for d in "${CUBLAS_INCLUDE:-}" "$(dirname "$NVCC_BIN")/../include" "$WHEELS"/nvidia/cu*/include; do
   if [ -n "$d" ] && [ -f "$d/cublas_v2.h" ]; then CUBLAS_INC=$d; break; fi
 done
 if [ -z "$CUBLAS_INC" ]; then
