@@ -170,12 +170,13 @@ def build_llama(
     cuda: bool = typer.Option(False, help="Build with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS)."),
     jobs: Optional[int] = typer.Option(None, help="Parallel build jobs (default: all cores)."),
     prefix: Optional[Path] = typer.Option(None, help="Folder that keeps the builds (default: the cache)."),
+    tests: bool = typer.Option(False, help="Also build test-backend-ops and test-quantize-fns (separate build)."),
 ):
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
     from .llamacpp import build
 
     with progress_bar() as p:
-        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console)
+        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests)
     out_console.print(str(bindir), highlight=False)
 
 
