@@ -42,12 +42,17 @@ def convert(out: Path, ratio: float, quant: str, split: str, args) -> float | No
     return time.time() - t
 
 
-def llama_quantize(src: Path, out: Path, qtype: str) -> str:
+def tool(name: str, bin_dir: Path | None) -> Path:
+    """A patched llama.cpp tool: from --bin when given (a fixed build), else the cached build."""
     from asvd2gguf import llamacpp
 
+    return bin_dir / name if bin_dir else llamacpp.binary(name)
+
+
+def llama_quantize(src: Path, out: Path, qtype: str, bin_dir: Path | None) -> str:
     if not out.is_file():
         tmp = out.with_suffix(".tmp.gguf")
-        res = subprocess.run([str(llamacpp.binary("llama-quantize")), str(src), str(tmp), qtype, "2"],
+        res = subprocess.run([str(tool("llama-quantize", bin_dir)), str(src), str(tmp), qtype, "2"],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"llama-quantize {qtype} failed: {(res.stdout + res.stderr)[-400:]}")
@@ -57,12 +62,16 @@ def llama_quantize(src: Path, out: Path, qtype: str) -> str:
     return "; ".join(sorted({ln.strip() for ln in log.splitlines() if "fallback" in ln.lower()}))[:300]
 
 
-def evaluate(path: Path, results: dict, log: Path) -> dict:
+def evaluate(path: Path, results: dict, log: Path, bin_dir: Path | None) -> dict:
     from asvd2gguf import llamacpp
 
     if path.name in results:
         return results[path.name]
-    r = llamacpp.perplexity(path, WIKI / "wiki.test.raw", ctx=512, chunks=20, threads=2)
+    res = subprocess.run([str(tool("llama-perplexity", bin_dir)), "-m", str(path), "-f", str(WIKI / "wiki.test.raw"),
+                          "-c", "512", "--chunks", "20", "-t", "2"], capture_output=True, text=True, errors="replace")
+    r = llamacpp.parse_perplexity(res.stdout + res.stderr)
+    if "ppl" not in r:
+        raise SystemExit(f"llama-perplexity failed on {path.name}: {(res.stdout + res.stderr)[-300:]}")
     row = {"file": path.name, "ppl": r["ppl"], "ppl_err": r["ppl_err"], "mib": round(path.stat().st_size / 2**20, 2)}
     results[path.name] = row
     with open(log, "a") as f:
@@ -110,6 +119,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--convert-only", action="store_true", help="write the files, skip llama-perplexity")
+    ap.add_argument("--bin", type=Path, default=None, help="bin folder of a patched build (default: build or cache)")
     args = ap.parse_args()
     d = args.out_dir
     d.mkdir(parents=True, exist_ok=True)
@@ -136,9 +146,9 @@ def main() -> None:
     for ratio in RATIOS:
         for qt in LLQ:
             files[(ratio, qt, "uv")] = p = d / f"r{ratio}-llq-{qt}.gguf"
-            notes[p.name] = llama_quantize(files[(ratio, "f16", "uv")], p, qt)
+            notes[p.name] = llama_quantize(files[(ratio, "f16", "uv")], p, qt, args.bin)
     for p in files.values():
-        evaluate(p, results, log)
+        evaluate(p, results, log, args.bin)
 
     cols = [*OURS, *(f"llq-{q}" for q in LLQ)]
     print("\nllama-perplexity (wiki.test.raw, -c 512 --chunks 20 -t 2) / file MiB; "
