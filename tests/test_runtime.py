@@ -204,6 +204,26 @@ def test_quantize_and_imatrix_factored(bins, tmp_path, text_small, qtype):
     assert imat.is_file() and imat.stat().st_size > 0
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K_M", "IQ4_NL", "NF4"])
+def test_quantize_with_imatrix_of_factored_file(bins, tmp_path, text_small, qtype):
+    """Issue 4: llama-imatrix on a factored file feeds llama-quantize for every factor type."""
+    import re
+
+    src = fx.write_tiny("llama", tmp_path / "base.gguf")
+    fact = fx.write_factored(src, tmp_path / "lr.gguf", rank=lambda b, il, s: 32, outtype="f16")
+    imat = tmp_path / "imatrix.gguf"
+    subprocess.run([str(bins / "llama-imatrix"), "-m", str(fact), "-f", str(text_small), "-c", "128",
+                    "--chunks", "2", "-o", str(imat)], check=True, capture_output=True, timeout=300)
+    out = tmp_path / f"lr-{qtype}.gguf"
+    res = subprocess.run([str(bins / "llama-quantize"), "--imatrix", str(imat), str(fact), str(out), qtype, "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-500:]
+    log = res.stdout + res.stderr
+    n = re.search(r"loaded (\d+) importance matrix entries", log)
+    assert n and int(n.group(1)) >= 2 * 7 * 2  # both factors of the 7 linears in each of 2 layers
+    assert np.isfinite(ppl(out, text_small)["ppl"])
+
+
 # ---------------------------------------------------------------- latent KV cache
 
 
