@@ -102,3 +102,14 @@ def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cache")
     os.environ.setdefault("ASVD2GGUF_CACHE", str(Path.home() / ".cache" / "asvd2gguf"))
     return d
+
+
+@pytest.fixture(scope="session")
+def text_small(tmp_path_factory) -> Path:
+    """The first ~40 KB of wiki.test.raw (enough for a few 128-token chunks)."""
+    text = WIKI / "wiki.test.raw"
+    if not text.is_file():
+        pytest.skip("wiki.test.raw not available")
+    p = tmp_path_factory.mktemp("text") / "wiki.small.raw"
+    p.write_bytes(text.read_bytes()[:40000])
+    return p

@@ -159,14 +159,6 @@ def tiny_f16(tmp_path_factory) -> dict:
     return {"dense": dense, "lr32": lr32, "lr48": lr48, "root": root}
 
 
-@pytest.fixture(scope="session")
-def text_small(tmp_path_factory) -> Path:
-    if not TEXT.is_file():
-        pytest.skip("wiki.test.raw not available")
-    p = tmp_path_factory.mktemp("text") / "wiki.small.raw"
-    p.write_bytes(TEXT.read_bytes()[:40000])
-    return p
-
 
 def quantize_file(bins: Path, src: Path, dst: Path, qtype: str, *extra: str) -> str:
     res = subprocess.run([str(bins / "llama-quantize"), *extra, str(src), str(dst), qtype, "2"],

@@ -93,15 +93,6 @@ def tiny(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def text_small(tmp_path_factory) -> Path:
-    """The first ~40 KB of wiki.test.raw (enough for a few 128-token chunks)."""
-    if not TEXT.is_file():
-        pytest.skip("wiki.test.raw not available")
-    p = tmp_path_factory.mktemp("text") / "wiki.small.raw"
-    p.write_bytes(TEXT.read_bytes()[:40000])
-    return p
-
 
 def ppl(model, text, **kw):
     kw.setdefault("ctx", 128)
