@@ -162,11 +162,8 @@ def quantize_iq4_nl(x: torch.Tensor, ntry: int = 7) -> Quantized:
     return _finish(x, IQ4_NL, [_half_bytes(d), _pack_nibbles(idx)])
 
 
-def quantize_nf4(x: torch.Tensor, block: int = QK) -> Quantized:
-    """NF4 reference (patch 0004): fp16 absmax/127 scale, nearest int8 NF4 level, ties down.
-
-    `block` other than 32 exists only to measure the block-size choice; ggml's NF4 is 32.
-    """
+def _nf4_levels(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp16 scale per block, level index per value): the NF4 reference rule of patch 0004."""
     if x.ndim != 2 or x.shape[1] % block:
         raise ValueError(f"row length {tuple(x.shape)} is not a multiple of {block}")
     xb = x.detach().to(torch.float32).reshape(-1, block)
@@ -175,10 +172,20 @@ def quantize_nf4(x: torch.Tensor, block: int = QK) -> Quantized:
     dh = (xb.abs().amax(dim=1) / 127).to(torch.float16)
     df = dh.to(torch.float32)
     inv = torch.where(df != 0, 1.0 / torch.where(df != 0, df, 1.0), 0.0)
-    idx = torch.searchsorted(mids, (xb * inv[:, None]).contiguous(), right=False)
-    if block != QK:
-        return Quantized(NF4, torch.cat([dh[:, None].float(), idx.float()], 1), tuple(x.shape))
+    return dh, torch.searchsorted(mids, (xb * inv[:, None]).contiguous(), right=False)
+
+
+def quantize_nf4(x: torch.Tensor) -> Quantized:
+    """NF4 reference (patch 0004): fp16 absmax/127 scale, nearest int8 NF4 level, ties down."""
+    dh, idx = _nf4_levels(x, QK)
     return _finish(x, NF4, [_half_bytes(dh), _pack_nibbles(idx)])
+
+
+def nf4_round_trip(x: torch.Tensor, block: int = QK) -> torch.Tensor:
+    """x through NF4 at any block size, as floats: to measure the block-size choice (ggml's is 32)."""
+    dh, idx = _nf4_levels(x, block)
+    values = torch.tensor(KVALUES_NF4, dtype=torch.float32, device=idx.device)
+    return (dh.float()[:, None] * values[idx]).reshape(x.shape)
 
 
 QUANTIZERS = {"q8_0": quantize_q8_0, "iq4_nl": quantize_iq4_nl, "nf4": quantize_nf4}
@@ -188,10 +195,6 @@ TYPE_OF = {"q8_0": Q8_0, "iq4_nl": IQ4_NL, "nf4": NF4}
 def dequantize_torch(q: Quantized) -> torch.Tensor:
     """Float32 (rows, n) of a Quantized tensor, as ggml's to_float computes it."""
     rows, n = q.shape
-    if q.qtype == NF4 and q.data.dtype == torch.float32:  # the non-32 measuring form
-        dh, idx = q.data[:, 0], q.data[:, 1:].long()
-        values = torch.tensor(KVALUES_NF4, dtype=torch.float32, device=dh.device)
-        return (dh.to(torch.float16).float()[:, None] * values[idx]).reshape(rows, n)
     b = q.data.reshape(-1, 2 + (QK if q.qtype == Q8_0 else QK // 2))
     d = b[:, :2].contiguous().view(torch.float16).float()
     if q.qtype == Q8_0:

@@ -101,11 +101,9 @@ def factor_errors(f16: Path) -> dict:
         den += float(w.square().sum())
         tot += float(a.square().sum() + b.square().sum())
         for k in num:
-            if k == "nf4_b64":
-                qa = Q.dequantize_torch(Q.quantize_nf4(a, 64)) if a.shape[1] % 64 == 0 else None
-                qb = Q.dequantize_torch(Q.quantize_nf4(b, 64))
-                if qa is None:  # a rank that is not a multiple of 64 cannot take block 64
-                    qa = Q.dequantize_torch(Q.quantize_nf4(a))
+            if k == "nf4_b64":  # a rank that is not a multiple of 64 cannot take block 64: keep 32 there
+                qa = Q.nf4_round_trip(a, 64 if a.shape[1] % 64 == 0 else 32)
+                qb = Q.nf4_round_trip(b, 64)
             else:
                 qa, qb = (Q.dequantize_torch(Q.QUANTIZERS[k](x)) for x in (a, b))
             num[k] += float((qa @ qb - w).square().sum())

@@ -132,3 +132,9 @@ def test_gguf_reader_round_trip_nf4(tmp_path):
     t = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
     assert t.tensor_type == Q.NF4 and [int(d) for d in t.shape] == [64, 8]
     np.testing.assert_array_equal(Q.dequantize(t.data, t.tensor_type), Q.dequantize_torch(q).numpy())
+
+
+def test_nf4_round_trip_is_the_ggml_type_at_block_32():
+    x = awkward_matrix(5)
+    assert torch.equal(Q.nf4_round_trip(x), Q.dequantize_torch(Q.quantize_nf4(x)))
+    assert Q.nf4_round_trip(x[:, :128], 64).shape == (48, 128)
