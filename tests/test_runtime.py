@@ -275,3 +275,20 @@ def test_latent_v_fold_matches_rebuild(tiny, text_small):
                        capture_output=True, env=dict(os.environ, ASVD_LATENT_V="rebuild"), timeout=300)
         r = ppl(model, text_small, kl_base=base, extra=["-fa", fa], env={"ASVD_LATENT_V": "fold"})
         assert r["kld"] < 1e-4, (fa, r)
+
+
+def test_latent_kv_session_save_and_restore(tiny, tmp_path):
+    """Session state: a latent cache saved with --prompt-cache and restored by a second run gives
+    the same continuation as the run that computed it."""
+    model = tiny["llama"]["kv"]
+    session = tmp_path / "latent.session"
+    cmd = [str(llamacpp.binary("llama-completion")), "-m", str(model), "-p", "Once upon a time there was a",
+           "-n", "24", "-c", "256", "--ignore-eos", "-no-cnv", "--temp", "0", "-s", "1", "-t", "2", "--no-warmup",
+           "--prompt-cache", str(session), "-v"]
+    first = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert session.is_file() and session.stat().st_size > 0
+    second = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "loaded a session" in second.stderr
+    assert second.stdout == first.stdout
