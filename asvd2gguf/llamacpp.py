@@ -321,7 +321,8 @@ def parse_perplexity(out: str) -> dict:
     return res
 
 
-def _kl_base_logits(base: Path, text: Path, ctx: int, chunks: int | None, threads: int, extra: Iterable[str]) -> Path:
+def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | None, threads: int,
+                    extra: Iterable[str]) -> Path:
     """Base-model logits for --kl-divergence, computed once and cached by their inputs."""
     st = base.stat()
     key = hashlib.sha256(json.dumps([str(base.resolve()), st.st_size, st.st_mtime_ns, str(Path(text).resolve()),
@@ -331,7 +332,7 @@ def _kl_base_logits(base: Path, text: Path, ctx: int, chunks: int | None, thread
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    cmd = [str(binary("llama-perplexity")), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads),
+    cmd = [str(exe), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads),
            "--kl-divergence-base", str(tmp)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
@@ -345,20 +346,23 @@ def _kl_base_logits(base: Path, text: Path, ctx: int, chunks: int | None, thread
 
 
 def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = None, threads: int = 2,
-               extra: Sequence[str] = (), kl_base: Path | None = None, env: dict | None = None) -> dict:
+               extra: Sequence[str] = (), kl_base: Path | None = None, env: dict | None = None,
+               bins: Path | None = None) -> dict:
     """Run the patched llama-perplexity on `model` over `text` and return its numbers.
 
     Returns {"ppl", "ppl_err", "chunks", "kv_mib"} and, with kl_base, also {"kld", "kld_err",
     "kld_max", "same_top_p", "ppl_base"}. kl_base is either a base model (.gguf: its logits are
     computed once with --kl-divergence-base and cached) or an existing logits file. `extra` is
     passed through (e.g. ["-fa", "on", "-ctk", "q8_0"]); `env` overrides the environment (e.g.
-    {"ASVD_LATENT_KV": "0"} for an A/B run of the latent cache).
+    {"ASVD_LATENT_KV": "0"} for an A/B run of the latent cache); `bins` is the bin folder of a
+    fixed build to use instead of the current patches' build.
     """
     model, text = Path(model), Path(text)
     for p, what in ((model, "model"), (text, "text")):
         if not p.is_file():
             raise UserError(f"{what} file not found: {p}")
-    cmd = [str(binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
+    exe = Path(bins) / "llama-perplexity" if bins else binary("llama-perplexity")
+    cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if kl_base is not None:
@@ -367,7 +371,7 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
             raise UserError(f"base file not found: {kl_base}")
         logits = kl_base
         if kl_base.suffix == ".gguf":
-            logits = _kl_base_logits(kl_base, text, ctx, chunks, threads, extra)
+            logits = _kl_base_logits(exe, kl_base, text, ctx, chunks, threads, extra)
         cmd += ["--kl-divergence-base", str(logits), "--kl-divergence"]
     cmd += list(extra)
     full_env = dict(os.environ, **(env or {}))

@@ -67,11 +67,7 @@ def evaluate(path: Path, results: dict, log: Path, bin_dir: Path | None) -> dict
 
     if path.name in results:
         return results[path.name]
-    res = subprocess.run([str(tool("llama-perplexity", bin_dir)), "-m", str(path), "-f", str(WIKI / "wiki.test.raw"),
-                          "-c", "512", "--chunks", "20", "-t", "2"], capture_output=True, text=True, errors="replace")
-    r = llamacpp.parse_perplexity(res.stdout + res.stderr)
-    if "ppl" not in r:
-        raise SystemExit(f"llama-perplexity failed on {path.name}: {(res.stdout + res.stderr)[-300:]}")
+    r = llamacpp.perplexity(path, WIKI / "wiki.test.raw", ctx=512, chunks=20, threads=2, bins=bin_dir)
     row = {"file": path.name, "ppl": r["ppl"], "ppl_err": r["ppl_err"], "mib": round(path.stat().st_size / 2**20, 2)}
     results[path.name] = row
     with open(log, "a") as f:

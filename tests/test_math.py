@@ -144,23 +144,23 @@ def test_flat_measured_curves_still_fill_the_budget():
     from asvd2gguf.convert import _tie_broken
 
     rng = np.random.default_rng(1)
-    opts = []
+    m, n = 192, 256
+    r = np.append(np.arange(8, break_even_rank(m, n) + 1, 8), 0)
+    params = np.where(r == 0, m * n, r * (m + n))
+    full = min(m, n)
+    curve = np.maximum(0.0, 1.0 - np.arange(full + 1) / 40)  # zero from rank 40 on
+
+    def options(i, c):
+        return Options(f"l{i}", r, params, np.zeros_like(r), np.array([c[x] if x else 0.0 for x in r]))
+
+    raw, tie = [], []
     for i in range(10):
-        m, n = 192, 256
-        full = min(m, n)
-        curve = np.maximum(0.0, 1.0 - np.arange(full + 1) / 40)  # zero from rank 40 on
-        error = np.cumsum(rng.uniform(0.1, 1, full + 1)[::-1])[::-1] - rng.uniform(0, 0.05)
+        error = np.cumsum(rng.uniform(0.1, 1, full + 1)[::-1])[::-1]  # falls with rank
         error[-1] = 0
-        ranks = np.arange(8, break_even_rank(m, n) + 1, 8)
-        r = np.append(ranks, 0)
-        params = np.where(r == 0, m * n, r * (m + n))
-        for c, tag in ((curve, "raw"), (_tie_broken(curve, error), "tie")):
-            cost = np.array([c[x] if x else 0.0 for x in r])
-            opts.append((tag, Options(f"l{i}", r, params, np.zeros_like(r), cost)))
-    raw = [o for t, o in opts if t == "raw"]
-    tie = [o for t, o in opts if t == "tie"]
+        raw.append(options(i, curve))
+        tie.append(options(i, _tie_broken(curve, error)))
     budget = int(0.6 * sum(int(o.params.max()) for o in raw))
-    step = 8 * (192 + 256)
+    step = 8 * (m + n)
     assert allocate(raw, budget, 1 << 62).params < budget - 10 * step  # the flaw: budget left unspent
     a = allocate(tie, budget, 1 << 62)
     assert budget - step < a.params <= budget

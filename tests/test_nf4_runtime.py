@@ -39,7 +39,6 @@ from asvd2gguf.llama_source import source_tree  # noqa: E402
 pytestmark = pytest.mark.llama
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = fx.wikitext_path()
 NF4, IQ4_NL = 43, 20
 KVALUES_NF4 = np.array([-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127], dtype=np.float32)
 MIDS = (np.float32(0.5) * (KVALUES_NF4[:-1] + KVALUES_NF4[1:])).astype(np.float32)

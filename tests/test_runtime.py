@@ -242,12 +242,17 @@ def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small):
         assert abs(q["ppl"] / on["ppl"] - 1) < 0.02
 
 
-def _generate(model: Path, env: dict) -> str:
-    res = subprocess.run([str(llamacpp.binary("llama-completion")), "-m", str(model), "-p", "Once upon a time",
-                          "-n", "320", "-c", "256", "--context-shift", "--ignore-eos", "-no-cnv", "--temp", "0",
-                          "-s", "1", "-t", "2", "--no-warmup", "-v"], capture_output=True, text=True,
-                         errors="replace", timeout=600, env=dict(os.environ, **env))
+def _complete(model: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Greedy llama-completion with debug logging; fails the test on a non-zero exit."""
+    res = subprocess.run([str(llamacpp.binary("llama-completion")), "-m", str(model), "--ignore-eos", "-no-cnv",
+                          "--temp", "0", "-s", "1", "-t", "2", "--no-warmup", "-v", *args], capture_output=True,
+                         text=True, errors="replace", timeout=600, env=dict(os.environ, **(env or {})))
     assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def _generate(model: Path, env: dict) -> str:
+    res = _complete(model, "-p", "Once upon a time", "-n", "320", "-c", "256", "--context-shift", env=env)
     assert "context full, swapping" in res.stderr  # llama.cpp's n_ctx is at least 256: 320 tokens must shift
     return res.stdout
 
@@ -282,13 +287,9 @@ def test_latent_kv_session_save_and_restore(tiny, tmp_path):
     the same continuation as the run that computed it."""
     model = tiny["llama"]["kv"]
     session = tmp_path / "latent.session"
-    cmd = [str(llamacpp.binary("llama-completion")), "-m", str(model), "-p", "Once upon a time there was a",
-           "-n", "24", "-c", "256", "--ignore-eos", "-no-cnv", "--temp", "0", "-s", "1", "-t", "2", "--no-warmup",
-           "--prompt-cache", str(session), "-v"]
-    first = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
+    args = ("-p", "Once upon a time there was a", "-n", "24", "-c", "256", "--prompt-cache", str(session))
+    first = _complete(model, *args)
     assert session.is_file() and session.stat().st_size > 0
-    second = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
+    second = _complete(model, *args)
     assert "loaded a session" in second.stderr
     assert second.stdout == first.stdout
