@@ -3,14 +3,23 @@
 Only one block needs to sit on the compute device; hidden states between blocks live on the
 CPU. This is what keeps calibration of a model larger than the GPU possible, and it lets the
 sensitivity search re-run only the blocks downstream of a change.
+
+With `mapped=True` (convert --device-map) accelerate has already placed every module (GPUs,
+CPU or disk, with its hooks): nothing is moved here, each block runs on the execution device
+its hooks give it, and a truncated trial block is made by swapping linears inside the placed
+block for the duration of one step (a copy would carry hooks bound to the original).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .arch import SPEC, get_module, set_module
+from .lowrank import factored_layer
+from .placement import execution_device, materialized
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,18 +35,27 @@ def resolve_device(name: str) -> torch.device:
 
 
 class BlockRunner:
-    def __init__(self, model, device: torch.device, micro_batch: int = 4):
+    def __init__(self, model, device: torch.device, micro_batch: int = 4, mapped: bool = False):
+        """`device`: the compute device; with `mapped`, accelerate's main device (used for quantizing)."""
         self.model = model
         self.inner = model.model
         self.layers = model.model.layers
         self.device = device
         self.micro_batch = micro_batch
+        self.mapped = mapped
         self._pe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def device_of(self, module) -> torch.device:
+        """Where `module` computes: the compute device, or under a device map its execution device."""
+        return execution_device(module) if self.mapped else self.device
+
+    def block_device(self, i: int) -> torch.device:
+        return self.device_of(self.layers[i])
 
     @contextmanager
     def on_device(self, module):
-        """Move one module to the compute device for the duration of a step."""
-        if self.device.type == "cpu":
+        """Move one module to the compute device for the duration of a step (placed modules stay put)."""
+        if self.mapped or self.device.type == "cpu":
             yield module
             return
         module.to(self.device)
@@ -48,15 +66,27 @@ class BlockRunner:
 
     def position_embeddings(self, seqlen: int):
         if seqlen not in self._pe:
+            dev = self.device_of(self.inner.rotary_emb)
             with self.on_device(self.inner.rotary_emb) as rot:
-                dummy = torch.zeros(1, seqlen, 1, device=self.device)
-                pos = torch.arange(seqlen, device=self.device)[None]
+                dummy = torch.zeros(1, seqlen, 1, device=dev)
+                pos = torch.arange(seqlen, device=dev)[None]
                 self._pe[seqlen] = tuple(t for t in rot(dummy, pos))
         return self._pe[seqlen]
 
+    def block_position_embeddings(self, i: int, seqlen: int):
+        """RoPE tables on block i's device (under a map the rotary module may sit elsewhere)."""
+        pe = self.position_embeddings(seqlen)
+        if not self.mapped:
+            return pe
+        dev = self.block_device(i)
+        return tuple(t.to(dev) for t in pe)
+
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(tokens).float()
+        if not self.mapped:
+            return self.inner.embed_tokens(tokens).float()
+        emb = self.inner.embed_tokens  # a single-device map has no hook to move the tokens
+        return emb(tokens.to(self.device_of(emb))).float().cpu()
 
     def _slices(self, n: int):
         for s in range(0, n, self.micro_batch):
@@ -66,13 +96,40 @@ class BlockRunner:
     def run_block(self, i: int, hidden: torch.Tensor, layer=None) -> torch.Tensor:
         """Hidden states after block i; `layer` overrides the model's block (a truncated copy)."""
         layer = self.layers[i] if layer is None else layer
-        pe = self.position_embeddings(hidden.shape[1])
+        pe = self.block_position_embeddings(i, hidden.shape[1])
+        dev = self.block_device(i)
         out = torch.empty_like(hidden)
         with self.on_device(layer):
             for sl in self._slices(hidden.shape[0]):
-                h = hidden[sl].to(self.device)
+                h = hidden[sl].to(dev)
                 out[sl] = layer(h, attention_mask=None, position_embeddings=pe).to("cpu")
         return out
+
+    @contextmanager
+    def trial(self, i: int, factors: dict):
+        """Block i with some linears replaced (see lowrank.factored_layer), for one step.
+
+        Unmapped: a shallow copy sharing every untouched parameter, as before. Mapped: the
+        replacements are swapped into the placed block itself, built on the replaced linear's
+        execution device, and the original linears are put back on exit.
+        """
+        if not self.mapped:
+            yield factored_layer(self.layers[i], factors)
+            return
+        layer = self.layers[i]
+        olds = {key: get_module(layer, SPEC[key].module) for key in factors}
+        try:
+            with ExitStack() as stack:  # offloaded biases/weights readable while the replacements are built
+                for old in olds.values():
+                    stack.enter_context(materialized(old))
+                for key, (a, b) in factors.items():
+                    dev = execution_device(olds[key])
+                    factored_layer(layer, {key: (a.to(dev), None if b is None else b.to(dev))}, copy_layer=False)
+                    get_module(layer, SPEC[key].module).to(dev)
+            yield layer
+        finally:
+            for key, old in olds.items():
+                set_module(layer, SPEC[key].module, old)
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.inner.norm(h))
@@ -81,10 +138,11 @@ class BlockRunner:
     def loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Per-sample mean next-token loss from final hidden states."""
         losses = []
+        dev = self.device_of(self.inner.norm)
         with self.on_device(self.inner.norm), self.on_device(self.model.lm_head):
             for sl in self._slices(hidden.shape[0]):
-                logits = self.head_logits(hidden[sl].to(self.device)).float()
-                tgt = tokens[sl].to(self.device)
+                logits = self.head_logits(hidden[sl].to(dev)).float()
+                tgt = tokens[sl].to(logits.device)
                 lo = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten(), reduction="none")
                 losses.append(lo.view(logits.shape[0], -1).mean(1).cpu())
         return torch.cat(losses)

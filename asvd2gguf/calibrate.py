@@ -74,7 +74,7 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
     n_layer = len(runner.layers)
     task = progress.add_task("calibrating", total=n_layer * (2 if fisher else 1)) if progress else None
     for i, layer in enumerate(runner.layers):
-        accs = {g: _Acc(runner.device) for g in GROUP_HEAD}
+        accs = {g: _Acc(runner.block_device(i)) for g in GROUP_HEAD}
         handles = [
             get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
             for g, spec in GROUP_HEAD.items()
@@ -100,15 +100,15 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
 
 def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task) -> None:
     """Back-propagate the summed token loss block by block, keeping one block's graph at a time."""
-    dev = runner.device
     n_tok = tokens.shape[0] * tokens.shape[1]
     grad = torch.empty_like(hidden[-1])
+    dev = runner.device_of(runner.inner.norm)
     with runner.on_device(runner.inner.norm), runner.on_device(runner.model.lm_head):
         for sl in runner._slices(tokens.shape[0]):
             h = hidden[-1][sl].to(dev).requires_grad_(True)
             with torch.enable_grad():
                 logits = runner.head_logits(h).float()
-                tgt = tokens[sl].to(dev)
+                tgt = tokens[sl].to(logits.device)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")
                 (g,) = torch.autograd.grad(loss, h)
             grad[sl] = g.cpu()
@@ -129,14 +129,15 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
 
         handles = [get_module(layer, s.module).register_forward_hook(out_hook(s.key)) for s in LINEARS]
         new_grad = torch.empty_like(grad)
-        pe_cache = runner.position_embeddings(tokens.shape[1])
+        pe_cache = runner.block_position_embeddings(i, tokens.shape[1])
+        dev = runner.block_device(i)
         try:
             with runner.on_device(layer):
                 for sl in runner._slices(tokens.shape[0]):
                     h = hidden[i][sl].to(dev).requires_grad_(True)
                     with torch.enable_grad():
                         out = layer(h, attention_mask=None, position_embeddings=pe_cache)
-                        (gi,) = torch.autograd.grad(out, h, grad_outputs=grad[sl].to(dev))
+                        (gi,) = torch.autograd.grad(out, h, grad_outputs=grad[sl].to(out.device))
                     new_grad[sl] = gi.cpu()
         finally:
             for hd in handles:

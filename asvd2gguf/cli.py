@@ -67,7 +67,16 @@ def convert(
                                              "else --outtype)."),
     sigma_split: str = typer.Option("uv", help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
     dense: bool = typer.Option(False, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: where each block is moved to run (the model itself "
+                               "stays on the CPU). Leave at auto with --device-map."),
+    device_map: Optional[str] = typer.Option(None, help="Let accelerate place the model instead: auto | balanced | "
+                                             "balanced_low_0 | sequential (transformers' device_map strategies) or a "
+                                             "JSON file mapping module names to a GPU index, 'cuda:N', 'cpu' or "
+                                             "'disk'. "
+                                             "Every block then runs where the map puts it; 'disk' weights are read "
+                                             "from the checkpoint or <cache-dir>/offload one module at a time."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory limits for a named --device-map strategy, e.g. "
+                                             "0=20GiB,1=20GiB,cpu=60GiB (accelerate's max_memory)."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for models, statistics and sensitivities."),
 ):
     """Compress MODEL and write a factored GGUF."""
@@ -79,7 +88,7 @@ def convert(
                         scaling=scaling, alpha=alpha, rank_align=rank_align, sensitivity=sensitivity,
                         sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
                         quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
-                        device=device, cache_dir=cache_dir)
+                        device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir)
     with progress_bar() as p:
         res = run(cfg, console, p)
     for f in res.fallbacks:

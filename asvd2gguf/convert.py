@@ -26,7 +26,7 @@ from .calibrate import LayerStats, collect
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
 from .gguf_write import FORMAT_VERSION, OUTTYPES, QUANT_FILE_TYPES, BlockTensor, clean_stale_partials, write_gguf
-from .lowrank import factored_layer
+from .placement import main_device, materialized, remove_offload, resolve_placement
 from .quantize import SIGMA_SPLITS, QuantPlan, encode, quantize_blocks
 from .quantize import plan as quant_plan
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
@@ -60,6 +60,8 @@ class ConvertConfig:
     sigma_split: str = "uv"
     dense: bool = False
     device: str = "auto"
+    device_map: str | None = None  # accelerate device_map: a strategy name or a JSON file (placement.py)
+    max_memory: str | None = None  # "0=20GiB,cpu=60GiB": accelerate's max_memory for a named strategy
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "asvd2gguf")
 
 
@@ -104,6 +106,7 @@ def validate(cfg: ConvertConfig) -> None:
         raise UserError(f"--alpha must be in (0, 4], got {cfg.alpha}")
     if cfg.calib_samples < 1 or cfg.calib_seqlen < 16:
         raise UserError("calibration needs --calib-samples >= 1 and --calib-seqlen >= 16")
+    resolve_placement(cfg.device_map, cfg.max_memory, cfg.device)  # raises on a bad map or limit
 
 
 def default_out(cfg: ConvertConfig, name: str) -> Path:
@@ -151,7 +154,7 @@ def analyse(src: Source, runner, tokens, cfg, progress) -> AnalysisStore:
     stats = calibration_stats(src, runner, tokens, cfg, progress, need_fisher=True)
     task = progress.add_task(f"factorizing ({cfg.method})", total=src.n_layer) if progress else None
     for i, layer in enumerate(runner.layers):
-        store.compute_layer(layer, i, stats[i], cfg.method, cfg.alpha, cfg.scaling, runner.device)
+        store.compute_layer(layer, i, stats[i], cfg.method, cfg.alpha, cfg.scaling, runner.block_device(i))
         if progress:
             progress.advance(task)
     return store
@@ -226,16 +229,28 @@ def calib_loss(runner: BlockRunner, store: AnalysisStore, infos, ranks: dict[tup
     for i, layer in enumerate(runner.layers):
         if blocks is not None:  # factored linears, and dense ones whose written weight differs
             fac = {bt.key: (bt.a, bt.b) if bt.a is not None else (bt.weight, None)
-                   for bt in blocks[i] if bt.a is not None or _replaced(layer, bt)}
+                   for bt in blocks[i] if bt.a is not None or _replaced(layer, bt, runner.mapped)}
         else:
             fac = {k: store.factorization(i, k).factors(r) for (li, k), r in ranks.items() if li == i and r}
-        h = runner.run_block(i, h, factored_layer(layer, fac) if fac else None)
+        if not fac:
+            h = runner.run_block(i, h)
+            continue
+        with runner.trial(i, fac) as trial:
+            h = runner.run_block(i, h, trial)
     return float(runner.loss(h, tokens).mean())
 
 
-def _replaced(layer, bt: BlockTensor) -> bool:
-    """A dense block tensor that is not the layer's own weight (e.g. its dequantized copy)."""
-    return bt.weight.data_ptr() != get_module(layer, SPEC[bt.key].module).weight.data_ptr()
+def _replaced(layer, bt: BlockTensor, mapped: bool = False) -> bool:
+    """A dense block tensor that is not the layer's own weight (e.g. its dequantized copy).
+
+    Under a device map the written weight is a CPU copy (or a fresh read of an offloaded one),
+    so storage identity says nothing there and the values are compared instead.
+    """
+    lin = get_module(layer, SPEC[bt.key].module)
+    if not mapped:
+        return bt.weight.data_ptr() != lin.weight.data_ptr()
+    with materialized(lin):
+        return not torch.equal(bt.weight, lin.weight.detach().to(bt.weight.device))
 
 
 def cached_base_loss(runner, store: AnalysisStore, infos, tokens) -> float:
@@ -307,14 +322,28 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     validate(cfg)
     if cfg.out is not None:
         check_out(cfg.out, cfg.force)
-    device = resolve_device(cfg.device)
-    src = load_source(cfg.model, cfg.cache_dir)
-    st.done(f"loaded {src.name} ({src.arch}, {src.n_layer} layers)")
+    placement = resolve_placement(cfg.device_map, cfg.max_memory, cfg.device)
+    device = resolve_device(cfg.device) if placement is None else None
+    src = load_source(cfg.model, cfg.cache_dir, placement)
+    try:
+        return _convert_loaded(cfg, src, device, st, progress, t0)
+    finally:
+        remove_offload(src.offload_dir)
+
+
+def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progress, t0: float) -> Result:
+    """Everything after loading; `device` None: the model is placed by a device map (accelerate)."""
+    mapped = device is None
+    if mapped:
+        device = main_device(src.model)
+        st.done(f"loaded {src.name} ({src.arch}, {src.n_layer} layers) with device map {_map_summary(src.model)}")
+    else:
+        st.done(f"loaded {src.name} ({src.arch}, {src.n_layer} layers)")
     out = cfg.out or default_out(cfg, src.name)
     check_out(out, cfg.force)
     clean_stale_partials(out)
     calib_spec = cfg.calib or default_calibration()
-    runner = BlockRunner(src.model, device)
+    runner = BlockRunner(src.model, device, mapped=mapped)
     tokens = calibration_windows(src.tokenizer, calib_spec, cfg.calib_samples, cfg.calib_seqlen, cfg.seed, src.model)
 
     st.done(f"calibration windows: {tokens.shape[0]} x {tokens.shape[1]} tokens from {Path(calib_spec).name}")
@@ -374,6 +403,14 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
                   store.root)
 
 
+def _map_summary(model) -> str:
+    """How many modules accelerate put on each device (hf_device_map), for the stage line."""
+    counts: dict[str, int] = {}
+    for dev in (getattr(model, "hf_device_map", None) or {}).values():
+        counts[str(dev)] = counts.get(str(dev), 0) + 1
+    return ", ".join(f"{d}: {n}" for d, n in counts.items()) or "(single device)"
+
+
 def _embd_encoder(qplan: QuantPlan, fallbacks: list[str], device):
     """token_embd / output at the plan's embedding type; other non-block tensors as they are."""
     def enc(name: str, arr):
@@ -390,7 +427,9 @@ def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: 
     for i, layer in enumerate(src.model.model.layers):
         row = []
         for spec in LINEARS:
-            w = get_module(layer, spec.module).weight.detach()
+            lin = get_module(layer, spec.module)
+            with materialized(lin):  # offloaded: read for this linear; on a GPU: copied to the CPU
+                w = lin.weight.detach().to("cpu")
             r = ranks[(i, spec.key)]
             if not r:
                 row.append(BlockTensor(spec.gguf, weight=w))

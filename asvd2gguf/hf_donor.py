@@ -20,6 +20,7 @@ from . import cache
 from .arch import LINEARS, permute_rows_for_llama
 from .errors import UserError
 from .llama_source import source_tree
+from .placement import cpu_state_items
 
 _SCRIPT = r"""
 import sys
@@ -60,7 +61,7 @@ def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
     nmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     block_modules = tuple(f".{s.module}.weight" for s in LINEARS)
     tied = getattr(cfg, "tie_word_embeddings", False)
-    for name, t in src.model.state_dict().items():
+    for name, t in cpu_state_items(src.model):  # offloaded tensors read one module at a time
         if name.endswith(block_modules) or (tied and name == "lm_head.weight"):
             continue
         new = nmap.get_name(name, try_suffixes=(".weight", ".bias"))

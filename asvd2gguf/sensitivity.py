@@ -19,7 +19,6 @@ import torch
 
 from .blocks import BlockRunner
 from .decompose import Factorization
-from .lowrank import factored_layer
 
 SENSITIVITIES = ("fisher", "ppl", "error")
 
@@ -61,10 +60,9 @@ def ppl_curve(
 ) -> dict[int, float]:
     """Exact loss increase at each rank in `ranks`, re-running blocks layer_idx..end."""
     out = {}
-    layer = runner.layers[layer_idx]
     for r in ranks:
-        trial = factored_layer(layer, {key: f.factors(r)})
-        h = runner.run_block(layer_idx, hidden_in, trial)
+        with runner.trial(layer_idx, {key: f.factors(r)}) as trial:
+            h = runner.run_block(layer_idx, hidden_in, trial)
         out[r] = runner.forward_from(layer_idx + 1, h, tokens) - base_loss
     return out
 

