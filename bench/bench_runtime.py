@@ -9,7 +9,10 @@ llama-perplexity on wiki.test.raw (-c 512 --chunks 20). Same binary for every ro
 
 A row is LABEL=PATH[:OPTIONS]; an option @NAME=VALUE sets an environment variable instead.
 Results are appended to --jsonl as they come (a long run can be read while it goes) and
-printed as a table at the end.
+printed as a table at the end. On a shared machine whose speed drifts, --rounds N runs the
+speed benchmark of all rows N times round-robin and reports each row's median, so that rows
+are compared under the same conditions; the last column gives tg128 @ d4096 relative to the
+first row.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--skip-bench", action="store_true", help="only size, KV and perplexity")
+    ap.add_argument("--skip-ppl", action="store_true", help="no perplexity (speed and memory only)")
+    ap.add_argument("--rounds", type=int, default=1, help="speed runs per row, round-robin; medians reported")
     ap.add_argument("--jsonl", type=Path, default=Path("bench_runtime.jsonl"))
     a = ap.parse_args(argv)
     rows = [parse_row(s) for s in a.row]
@@ -88,17 +94,30 @@ def main(argv=None) -> int:
         r = {"label": row["label"], "file": row["path"].name, "opts": opts,
              "size_mib": round(row["path"].stat().st_size / 2**20, 1)}
         r["kv_mib_8192"] = kv_mib(row["path"], row["args"], row["env"], a.threads)
-        p = llamacpp.perplexity(row["path"], a.text, ctx=512, chunks=a.chunks, threads=a.threads,
-                                extra=row["args"], env=row["env"])
-        r["ppl"] = p["ppl"]
-        if not a.skip_bench:
-            r.update(bench(row["path"], row["args"], row["env"], a.threads, a.reps))
+        if not a.skip_ppl:
+            p = llamacpp.perplexity(row["path"], a.text, ctx=512, chunks=a.chunks, threads=a.threads,
+                                    extra=row["args"], env=row["env"])
+            r["ppl"] = p["ppl"]
         r["seconds"] = round(time.time() - t0)
         results.append(r)
+    speeds: list[list[dict]] = [[] for _ in rows]
+    for rnd in range(0 if a.skip_bench else a.rounds):
+        for i, row in enumerate(rows):
+            speeds[i].append(bench(row["path"], row["args"], row["env"], a.threads, a.reps))
+            print(json.dumps({"round": rnd, "label": row["label"], **speeds[i][-1]}), flush=True)
+    for r, runs in zip(results, speeds):
+        for key in sorted({k for run in runs for k in run if k != "bench_error"}):
+            r[key] = round(statistics.median(run[key] for run in runs if key in run), 1)
+        errors = [run["bench_error"] for run in runs if "bench_error" in run]
+        if errors:
+            r["bench_error"] = errors[0]
+    for r in results:
+        if "tg128@d4096" in r and "tg128@d4096" in results[0]:
+            r["d4096_vs_first"] = f"{r['tg128@d4096'] / results[0]['tg128@d4096']:.2f}x"
         with open(a.jsonl, "a") as f:
             f.write(json.dumps(r) + "\n")
         print(json.dumps(r), flush=True)
-    cols = ["label", "opts", "size_mib", "kv_mib_8192", "pp512@d0", "tg128@d0", "tg128@d4096", "ppl"]
+    cols = ["label", "opts", "size_mib", "kv_mib_8192", "pp512@d0", "tg128@d0", "tg128@d4096", "d4096_vs_first", "ppl"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:

@@ -40,6 +40,64 @@ extern "C" {
             struct ggml_tensor  * a,
             struct ggml_tensor  * c);
 
+    // Attention of a few query tokens (decoding) over a latent KV cache, in one op: for every
+    // cached cell j, K_j = RoPE(a_k c_k[j] + b_k, pos[j]) is rebuilt on the fly per KV head (never
+    // stored), s = scale * q . K_j + mask, and the softmax weights sum the latent V rows c_v[j].
+    // The result stays latent (r_v wide): multiplying by A_v, viewed per KV group, gives the
+    // heads' outputs. Separate ops would write K (n_kv x n_embd_k_gqa) to memory, cast it, RoPE
+    // it and read it again for every layer and token; here each cell is touched once.
+    //   q:     [n_embd_head, n_head, n_tokens, n_stream] F32, RoPE'd queries
+    //   a_k:   [r_k, n_embd_head*n_head_kv] output factor of k_proj (any type with a CPU vec_dot)
+    //   c_k:   [r_k, n_kv, n_stream] latent K cache (view), F32/F16/BF16/quantized
+    //   c_v:   [r_v, n_kv, n_stream] latent V cache (view)
+    //   pos:   I32 [n_kv*n_stream] each cell's position
+    //   mask:  [n_kv, >= n_tokens, 1, 1 or n_stream] F16 or F32 (-INF: masked)
+    //   b_k:   F32 [n_embd_head*n_head_kv] k_proj bias, added before RoPE, or NULL
+    //   freq_factors: RoPE frequency factors (as ggml_rope_ext) or NULL
+    //   mode: GGML_ROPE_TYPE_NORMAL or GGML_ROPE_TYPE_NEOX
+    // result: [r_v, n_tokens, n_head, n_stream] F32
+    GGML_API struct ggml_tensor * ggml_lowrank_attn(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * q,
+            struct ggml_tensor  * a_k,
+            struct ggml_tensor  * c_k,
+            struct ggml_tensor  * c_v,
+            struct ggml_tensor  * pos,
+            struct ggml_tensor  * mask,
+            struct ggml_tensor  * b_k,
+            struct ggml_tensor  * freq_factors,
+            float                 scale,
+            int                   n_dims,
+            int                   mode,
+            int                   n_ctx_orig,
+            float                 freq_base,
+            float                 freq_scale,
+            float                 ext_factor,
+            float                 attn_factor,
+            float                 beta_fast,
+            float                 beta_slow);
+
+    // op_params of GGML_OP_LOWRANK_ATTN: int32 n_dims, mode, n_ctx_orig, then float scale,
+    // freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
+    enum ggml_lowrank_attn_param {
+        GGML_LOWRANK_ATTN_N_DIMS,
+        GGML_LOWRANK_ATTN_MODE,
+        GGML_LOWRANK_ATTN_N_CTX_ORIG,
+        GGML_LOWRANK_ATTN_SCALE,
+        GGML_LOWRANK_ATTN_FREQ_BASE,
+        GGML_LOWRANK_ATTN_FREQ_SCALE,
+        GGML_LOWRANK_ATTN_EXT_FACTOR,
+        GGML_LOWRANK_ATTN_ATTN_FACTOR,
+        GGML_LOWRANK_ATTN_BETA_FAST,
+        GGML_LOWRANK_ATTN_BETA_SLOW,
+    };
+
+    // per rotated pair i (n_dims/2 of them) the angle per position step, and the magnitude
+    // scale, of ggml_rope_ext with these parameters (YaRN included): angle(p) = p * omega[i].
+    // freq_factors: host copy of the factors or NULL
+    GGML_API void ggml_lowrank_attn_rope_omega(
+            const struct ggml_tensor * op, const float * freq_factors, double * omega, float * mscale);
+
 #ifdef __cplusplus
 }
 #endif

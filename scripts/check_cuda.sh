@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check, with nvcc, the CUDA files that the patch series changes (patches/0004: NF4).
+# Compile-check, with nvcc, the CUDA files that the patch series changes or adds (patches/0004:
+# NF4; patches/0005: the fused latent attention, ggml_ops/ggml-cuda/lowrank-attn.cu).
 #
 #   bash scripts/check_cuda.sh PATCHED_LLAMA_SRC
 #
@@ -26,14 +27,16 @@ FILES=(
   ggml/src/ggml-cuda/convert.cu      # NF4 -> f16/f32/bf16 (contiguous and not), for cuBLAS
   ggml/src/ggml-cuda/getrows.cu      # GET_ROWS
   ggml/src/ggml-cuda/mmvq.cu         # mat-vec with q8_1 activations (vec_dot_nf4_q8_1)
-  ggml/src/ggml-cuda/ggml-cuda.cu    # supports_op
+  ggml/src/ggml-cuda/ggml-cuda.cu    # supports_op, GGML_OP_LOWRANK_ATTN dispatch
+  ggml/src/ggml-cuda/lowrank-attn.cu # GGML_OP_LOWRANK_ATTN (from ggml_ops/ggml-cuda)
 )
 # file: a string that must appear in `nm -C` of its object ("" = no symbol check)
 declare -A SYMBOL=(
   [ggml/src/ggml-cuda/convert.cu]="dequantize_nf4"
   [ggml/src/ggml-cuda/getrows.cu]="dequantize_nf4"
   [ggml/src/ggml-cuda/mmvq.cu]="(ggml_type)43"
-  [ggml/src/ggml-cuda/ggml-cuda.cu]=""
+  [ggml/src/ggml-cuda/ggml-cuda.cu]="ggml_cuda_op_lowrank_attn"
+  [ggml/src/ggml-cuda/lowrank-attn.cu]="lowrank_attn_partial"
 )
 
 SRC=${1:?usage: check_cuda.sh PATCHED_LLAMA_SRC}

@@ -282,6 +282,30 @@ def test_latent_v_fold_matches_rebuild(tiny, text_small):
         assert r["kld"] < 1e-4, (fa, r)
 
 
+def _kld_base(model: Path, text: Path, base: Path, env: dict, *extra: str) -> Path:
+    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "128",
+                    "--chunks", "3", "--kl-divergence-base", str(base), *extra], check=True, capture_output=True,
+                   env=dict(os.environ, **env), timeout=300)
+    return base
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_latent_fused_attention_matches_unfused(tiny, text_small, arch):
+    """The fused op (ggml_lowrank_attn: K rebuilt, RoPE'd and scored per cell, latent V summed)
+    equals the unfused fold (ASVD_LATENT_FUSED=0). -b 8: the runtime's own choice for small
+    batches (one stream); forced with -b 512: four sequences in four streams. Also with q8_0
+    latents (dequantized in the kernel). qwen3's k-norm is not fusable: it must still run."""
+    model = tiny[arch]["kv"]
+    for fa in ("on", "off"):
+        for b, env in (("8", {}), ("512", {"ASVD_LATENT_V": "fold"})):
+            for ct in ("f16", "q8_0"):
+                cache = ["-ctk", ct, "-ctv", ct]
+                base = _kld_base(model, text_small, text_small.parent / f"{arch}-unfused.kld",
+                                 dict(env, ASVD_LATENT_FUSED="0"), "-fa", fa, "-b", b, *cache)
+                r = ppl(model, text_small, kl_base=base, extra=["-fa", fa, "-b", b, *cache], env=env)
+                assert r["kld"] < 1e-4, (arch, fa, b, ct, r)
+
+
 def test_latent_kv_session_save_and_restore(tiny, tmp_path):
     """Session state: a latent cache saved with --prompt-cache and restored by a second run gives
     the same continuation as the run that computed it."""
