@@ -126,12 +126,12 @@ void ggml_lowrank_attn_rope_omega(const struct ggml_tensor * op, const float * f
         *mscale *= 1.0f + 0.1f*logf(1.0f/freq_scale);
     }
     for (int i = 0; i < n_dims/2; ++i) {
-        const double extrap = pow(theta_scale, i) / (freq_factors ? freq_factors[i] : 1.0f);
-        double theta = freq_scale*extrap;
+        const double extrap = pow(theta_scale, i) / (double) (freq_factors ? freq_factors[i] : 1.0f);
+        double theta = (double) freq_scale*extrap;
         if (ext_factor != 0.0f) {
             const float y        = (i - corr_dims[0]) / MAX(0.001f, corr_dims[1] - corr_dims[0]);
             const float ramp_mix = (1 - MIN(1, MAX(0, y))) * ext_factor;
-            theta = theta*(1 - ramp_mix) + extrap*ramp_mix;
+            theta = theta*(double) (1 - ramp_mix) + extrap*(double) ramp_mix;
         }
         omega[i] = theta;
     }
