@@ -92,15 +92,15 @@ def _load_hf(folder: Path, model_kw: dict | None = None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, **kw)
-    if not model_kw:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **kw)
-        return model.eval(), tok
-    if isinstance(model_kw["device_map"], dict):
+    model_kw = model_kw or {}
+    if isinstance(model_kw.get("device_map"), dict):
         check_map_covers(folder, model_kw["device_map"])
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", attn_implementation="sdpa", **model_kw,
                                                      **kw)
     except (ValueError, KeyError, RuntimeError, TypeError, AssertionError) as e:
+        if not model_kw:
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         name = _map_name(model_kw["device_map"])
         raise UserError(f"cannot place the model with --device-map {name}: {msg}") from None
@@ -178,35 +178,27 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
 
     offload = None
     try:
-        if gguf_path is not None:
-            _check_gguf_arch(gguf_path)
-            fp = fingerprint_file(gguf_path)
-            folder = _gguf_to_hf_cache(gguf_path, fp, cache_dir)
+        try:
+            if gguf_path is not None:
+                _check_gguf_arch(gguf_path)
+                fp = fingerprint_file(gguf_path)
+                folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir), gguf_path.stem
+            elif hf_dir is not None:
+                fp, folder, name = fingerprint_dir(hf_dir), hf_dir, hf_dir.name
+            else:  # hub id, only when online
+                from huggingface_hub import snapshot_download
+
+                try:
+                    patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+                    hf_dir = Path(snapshot_download(spec, allow_patterns=patterns))
+                except Exception as e:
+                    msg = str(e).splitlines()[0]
+                    raise UserError(f"cannot fetch '{spec}' from the hub (offline?): {msg}") from None
+                fp, folder, name = fingerprint_dir(hf_dir), hf_dir, spec.split("/")[-1]
             offload, model_kw = _placement_kw(placement, cache_dir, fp)
             model, tok = _load_hf(folder, model_kw)
-            name = gguf_path.stem
-        elif hf_dir is not None:
-            fp = fingerprint_dir(hf_dir)
-            offload, model_kw = _placement_kw(placement, cache_dir, fp)
-            model, tok = _load_hf(hf_dir, model_kw)
-            name = hf_dir.name
-        else:  # hub id, only when online
-            from huggingface_hub import snapshot_download
-
-            try:
-                hf_dir = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-            except Exception as e:
-                raise UserError(f"cannot fetch '{spec}' from the hub (offline?): {str(e).splitlines()[0]}") from None
-            fp = fingerprint_dir(hf_dir)
-            offload, model_kw = _placement_kw(placement, cache_dir, fp)
-            model, tok = _load_hf(hf_dir, model_kw)
-            name = spec.split("/")[-1]
-    except UserError:
-        remove_offload(offload)
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        remove_offload(offload)
-        raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
     except BaseException:
         remove_offload(offload)
         raise

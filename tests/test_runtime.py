@@ -100,6 +100,14 @@ def ppl(model, text, **kw):
     return llamacpp.perplexity(model, text, **kw)
 
 
+def _kld_base(model: Path, text: Path, base: Path, env: dict, *extra: str) -> Path:
+    """Write llama-perplexity's logits of `model` (3 x 128 tokens) under `env` to `base`: a KLD reference."""
+    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "128",
+                    "--chunks", "3", "--kl-divergence-base", str(base), *extra], check=True, capture_output=True,
+                   env=dict(os.environ, **env), timeout=300)
+    return base
+
+
 # ---------------------------------------------------------------- factored linears
 
 
@@ -223,10 +231,7 @@ def test_quantize_with_imatrix_of_factored_file(bins, tmp_path, text_small, qtyp
 def test_latent_kv_matches_full_cache(tiny, text_small, arch, fa):
     """Test 3: latent cache on vs off (ASVD_LATENT_KV=0), mean KLD < 1e-4."""
     model = tiny[arch]["kv"]
-    base = text_small.parent / f"{arch}-fa{fa}.kld"
-    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text_small), "-c", "128",
-                    "--chunks", "3", "-fa", fa, "--kl-divergence-base", str(base)], check=True, capture_output=True,
-                   env=dict(os.environ, ASVD_LATENT_KV="0"), timeout=300)
+    base = _kld_base(model, text_small, text_small.parent / f"{arch}-fa{fa}.kld", {"ASVD_LATENT_KV": "0"}, "-fa", fa)
     for b in ("512", "128"):
         r = ppl(model, text_small, kl_base=base, extra=["-fa", fa, "-b", b])
         assert r["kld"] < 1e-4, (arch, fa, b, r)
@@ -275,18 +280,9 @@ def test_latent_v_fold_matches_rebuild(tiny, text_small):
     model = tiny["qwen2"]["kv"]
     base = text_small.parent / "qwen2-rebuild.kld"
     for fa in ("on", "off"):
-        subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text_small), "-c",
-                        "128", "--chunks", "3", "-fa", fa, "--kl-divergence-base", str(base)], check=True,
-                       capture_output=True, env=dict(os.environ, ASVD_LATENT_V="rebuild"), timeout=300)
+        _kld_base(model, text_small, base, {"ASVD_LATENT_V": "rebuild"}, "-fa", fa)
         r = ppl(model, text_small, kl_base=base, extra=["-fa", fa], env={"ASVD_LATENT_V": "fold"})
         assert r["kld"] < 1e-4, (fa, r)
-
-
-def _kld_base(model: Path, text: Path, base: Path, env: dict, *extra: str) -> Path:
-    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "128",
-                    "--chunks", "3", "--kl-divergence-base", str(base), *extra], check=True, capture_output=True,
-                   env=dict(os.environ, **env), timeout=300)
-    return base
 
 
 @pytest.mark.parametrize("arch", ARCHS)

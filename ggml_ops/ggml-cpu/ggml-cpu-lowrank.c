@@ -114,7 +114,7 @@ static void lowrank_attn_rebuild(int64_t n_out, int64_t r_k, const float * a_t, 
             const float * ar = a_t + r*n_out + i0;
             GGML_F32_VEC a0 = GGML_F32_VEC_LOAD(ar);
             GGML_F32_VEC a1 = GGML_F32_VEC_LOAD(ar + GGML_F32_EPR);
-#if defined(__GNUC__) && defined(__AVX__)
+#if defined(__GNUC__) && defined(__AVX__) && !defined(__AVX512F__)
             // keep A in registers: GCC would fold these loads into every FMA, doubling the loads
             // per FMA, and the loop is load bound then
             __asm__("" : "+x"(a0), "+x"(a1));
@@ -130,23 +130,8 @@ static void lowrank_attn_rebuild(int64_t n_out, int64_t r_k, const float * a_t, 
             GGML_F32_VEC_STORE(k + n*n_out + i0 + GGML_F32_EPR, acc[n][1]);
         }
     }
-    for (; i0 + GGML_F32_EPR <= n_out; i0 += GGML_F32_EPR) {
-        GGML_F32_VEC acc[NC];
-        for (int n = 0; n < NC; ++n) {
-            acc[n] = GGML_F32_VEC_LOAD(k + n*n_out + i0);
-        }
-        for (int64_t r = 0; r < r_k; ++r) {
-            const GGML_F32_VEC a = GGML_F32_VEC_LOAD(a_t + r*n_out + i0);
-            for (int n = 0; n < NC; ++n) {
-                acc[n] = GGML_F32_VEC_FMA(acc[n], a, GGML_F32_VEC_SET1(c[n][r]));
-            }
-        }
-        for (int n = 0; n < NC; ++n) {
-            GGML_F32_VEC_STORE(k + n*n_out + i0, acc[n]);
-        }
-    }
 #endif
-    for (int n = 0; n < NC; ++n) {
+    for (int n = 0; n < NC; ++n) { // the rest (n_out is a multiple of the tile for usual head sizes)
         for (int64_t r = 0; r < r_k; ++r) {
             for (int64_t i = i0; i < n_out; ++i) {
                 k[n*n_out + i] += a_t[r*n_out + i]*c[n][r];
