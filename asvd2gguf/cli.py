@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import UserError
+from .errors import AsvdWarning, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress causal LMs by activation-aware SVD and write factored GGUF files for llama.cpp.")
@@ -209,7 +210,16 @@ def eval_cmd(
         out_console.print(f"{k} = {v}", highlight=False)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """Our own warnings as one line, like errors; everyone else's as Python prints them."""
+    if issubclass(category, AsvdWarning):
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except UserError as e:

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input or environment; the message is shown as-is, no traceback."""
+
+
+class AsvdWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""

@@ -32,7 +32,7 @@ OUTTYPES = {
 }
 BLOCK_WEIGHT_SUFFIXES = tuple(f".{s.gguf}.weight" for s in LINEARS)
 # general.file_type when the block linears are quantized (llama_ftype; NF4 is patch 0004's)
-QUANT_FILE_TYPES = {"q8_0": 7, "iq4_nl": 25, "nf4": 42}
+QUANT_FILE_TYPES = {"q8_0": 7, "iq4_nl": 25, "nf4": 64}  # llama_ftype (general.file_type); NF4: patches/0004
 
 
 @dataclass

@@ -377,6 +377,18 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     full_env = dict(os.environ, **(env or {}))
     out = _run_tool(cmd, env=full_env)
     res = parse_perplexity(out)
-    if "ppl" not in res:
-        raise UserError(f"could not find a perplexity estimate in llama-perplexity's output for {model.name}")
+    missing = [k for k in ("ppl",) + (("kld",) if kl_base is not None else ()) if k not in res]
+    if missing:
+        raise UserError(f"llama-perplexity on {model.name} printed no {' or '.join(missing)} summary; "
+                        f"{_what_was_found(out, res)}")
     return res
+
+
+def _what_was_found(out: str, res: dict) -> str:
+    """One line on a llama-perplexity output whose summary is missing: how far the chunks got and
+    how the output ends, so a truncated run is told apart from a wrong invocation."""
+    chunks = re.findall(r"\[(\d+)\]\s*" + _NUM, out)
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    done = f"{len(chunks)} chunk values" + (f" of {res['chunks']}" if "chunks" in res else "")
+    last = lines[-1][:160] if lines else "(no output)"
+    return f"found {done}; last line: {last!r}"

@@ -23,7 +23,8 @@ import torch
 QK = 32  # block size of all three types
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 IQ4_NL = gguf.GGMLQuantizationType.IQ4_NL
-NF4_ID = 43  # GGML_TYPE_NF4 in patches/0004 (after Q2_0 = 42)
+NF4_ID = 64  # GGML_TYPE_NF4 in patches/0004: clear of upstream's next ids (its tree ends at Q2_0 = 42)
+NF4_LEGACY_ID = 43  # what files written before 2026-11 store for NF4 (docs/gguf-format.md)
 NF4_BYTES = 2 + QK // 2
 
 # QLoRA's NormalFloat-4 levels (Dettmers et al. 2023), and the int8 codebook ggml stores (x 127).
@@ -40,7 +41,7 @@ def register_nf4() -> gguf.GGMLQuantizationType:
     """Add NF4 to gguf-py's type enum and size table (idempotent); returns the member.
 
     gguf-py's IntEnum cannot be subclassed, so the member is created the way Enum creates its
-    own and entered into the lookup maps; `GGMLQuantizationType(43)` then works in the reader.
+    own and entered into the lookup maps; `GGMLQuantizationType(NF4_ID)` then works in the reader.
     """
     T = gguf.GGMLQuantizationType
     member = T._value2member_map_.get(NF4_ID)
@@ -56,6 +57,24 @@ def register_nf4() -> gguf.GGMLQuantizationType:
 
 
 NF4 = register_nf4()
+
+
+def tensor_type(raw: int, asvd_file: bool, name: str) -> gguf.GGMLQuantizationType:
+    """The ggml type of a tensor whose GGUF info says `raw`.
+
+    NF4 moved from id 43 to 64 (patches/0004); in a file with asvd.* metadata, 43 still means NF4
+    (with an AsvdWarning), as the patched llama.cpp reads it. Elsewhere 43 is whatever gguf-py says.
+    Raises ValueError for an id gguf-py does not know.
+    """
+    if raw == NF4_LEGACY_ID and asvd_file and NF4_LEGACY_ID not in gguf.GGMLQuantizationType._value2member_map_:
+        import warnings
+
+        from .errors import AsvdWarning
+
+        warnings.warn(f"tensor {name} has the old NF4 type id {NF4_LEGACY_ID}, read as NF4 ({NF4_ID}); "
+                      "re-convert the file to store the new id", AsvdWarning, stacklevel=3)
+        return NF4
+    return gguf.GGMLQuantizationType(raw)
 
 
 @dataclass

@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gguf_fixtures  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -113,3 +117,31 @@ def text_small(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "wiki.small.raw"
     p.write_bytes(text.read_bytes()[:40000])
     return p
+
+
+# ---------------------------------------------------------------- patched llama.cpp runtime
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral3")  # the archs whose graphs run factored linears and the latent cache
+
+
+@pytest.fixture(scope="session")
+def bins() -> Path:
+    from asvd2gguf import llamacpp
+
+    return llamacpp.build()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Per arch: dense F32 model, full-rank factored file, its --dense twin, a latent-KV file."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for arch in ARCHS:
+        dense = gguf_fixtures.write_tiny(arch, root / f"{arch}.gguf")
+        fact = gguf_fixtures.write_factored(dense, root / f"{arch}-lr.gguf", outtype="f32")
+        twin = gguf_fixtures.write_factored(dense, root / f"{arch}-lr-dense.gguf", outtype="f32", dense=True)
+        # latent: k/v at rank 32 (of 64), others dense; ranks aligned to 32 for quantized caches
+        lat = gguf_fixtures.write_factored(dense, root / f"{arch}-kv.gguf", rank=lambda b, il, s: 32,
+                                           linears=("attn_k", "attn_v"), kv_latent=True, outtype="f16")
+        out[arch] = {"dense": dense, "lr": fact, "lr_dense": twin, "kv": lat}
+    return out

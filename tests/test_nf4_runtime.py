@@ -1,7 +1,7 @@
 """NF4 in the patched llama.cpp (patches/0004-ggml-nf4-type.patch, ggml_ops/ggml-nf4.*, docs/runtime.md "NF4").
 
 What is checked here:
-- the type numbers (GGML_TYPE_NF4 = 43, LLAMA_FTYPE_MOSTLY_NF4 = 42) and that the patch removes
+- the type numbers (GGML_TYPE_NF4 = 64, LLAMA_FTYPE_MOSTLY_NF4 = 64) and that the patch removes
   no line of stock code (the IQ4_NL codebook and kernels are byte-identical to the pristine tree);
 - ggml_quantize_chunk(GGML_TYPE_NF4) and ggml_get_type_traits(GGML_TYPE_NF4)->to_float from the
   built libggml-base.so, bit for bit, against an independent numpy implementation of the spec, and
@@ -35,11 +35,12 @@ import gguf_fixtures as fx  # noqa: E402
 
 from asvd2gguf import llamacpp  # noqa: E402
 from asvd2gguf.llama_source import source_tree  # noqa: E402
+from asvd2gguf.quants import NF4_ID  # noqa: E402
 
 pytestmark = pytest.mark.llama
 
 REPO = Path(__file__).resolve().parents[1]
-NF4, IQ4_NL = 43, 20
+NF4, IQ4_NL = NF4_ID, 20
 KVALUES_NF4 = np.array([-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127], dtype=np.float32)
 MIDS = (np.float32(0.5) * (KVALUES_NF4[:-1] + KVALUES_NF4[1:])).astype(np.float32)
 
@@ -183,8 +184,9 @@ def run_ppl(bin_dir: Path, model: Path, text: Path, *extra: str) -> tuple[float,
 
 def test_type_numbers(src, ggml):
     ggml_h = (src / "ggml/include/ggml.h").read_text()
-    assert re.search(r"GGML_TYPE_NF4\s*=\s*43,", ggml_h) and re.search(r"GGML_TYPE_COUNT\s*=\s*44,", ggml_h)
-    assert re.search(r"LLAMA_FTYPE_MOSTLY_NF4\s*=\s*42,", (src / "include/llama.h").read_text())
+    assert NF4 == 64
+    assert re.search(r"GGML_TYPE_NF4\s*=\s*64,", ggml_h) and re.search(r"GGML_TYPE_COUNT\s*=\s*65,", ggml_h)
+    assert re.search(r"LLAMA_FTYPE_MOSTLY_NF4\s*=\s*64,", (src / "include/llama.h").read_text())
     assert ggml.lib.ggml_type_name(NF4) == b"nf4"
     assert ggml.lib.ggml_blck_size(NF4) == 32 and ggml.lib.ggml_type_size(NF4) == 18
     assert not ggml.lib.ggml_quantize_requires_imatrix(NF4)
@@ -279,7 +281,7 @@ def test_tree_gguf_py_nf4_matches_c(src, ggml, tmp_path):
             "q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.NF4);"
             "np.save(sys.argv[2], q); np.save(sys.argv[3], gguf.quants.dequantize(q, gguf.GGMLQuantizationType.NF4));"
             "assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.NF4] == (32, 18);"
-            "assert gguf.LlamaFileType.MOSTLY_NF4 == 42 and gguf.GGMLQuantizationType.NF4 == 43")
+            "assert gguf.LlamaFileType.MOSTLY_NF4 == 64 and gguf.GGMLQuantizationType.NF4 == 64")
     env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
     files = [str(tmp_path / f"{n}.npy") for n in ("x", "q", "y")]
     subprocess.run([sys.executable, "-c", code, *files], check=True, env=env, timeout=120)

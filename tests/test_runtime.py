@@ -7,7 +7,6 @@ architecture plus one real SmolLM2 check, all made locally by tests/gguf_fixture
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +16,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_fixtures as fx  # noqa: E402
+from runtime_tools import complete as _complete  # noqa: E402
+from runtime_tools import kld_base as _kld_base  # noqa: E402
+from runtime_tools import ppl  # noqa: E402
 
 from asvd2gguf import llamacpp  # noqa: E402
 from asvd2gguf.errors import UserError  # noqa: E402
 
 TEXT = fx.wikitext_path()
-ARCHS = ("llama", "qwen2", "qwen3", "mistral3")
+from conftest import ARCHS  # noqa: E402
 
 needs_text = pytest.mark.skipif(not TEXT.is_file(), reason="wiki.test.raw not available")
 
@@ -70,42 +72,6 @@ def test_parse_perplexity_outputs():
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def bins() -> Path:
-    return llamacpp.build()
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """Per arch: dense F32 model, full-rank factored file, its --dense twin, a latent-KV file."""
-    root = tmp_path_factory.mktemp("tiny")
-    out = {}
-    for arch in ARCHS:
-        dense = fx.write_tiny(arch, root / f"{arch}.gguf")
-        fact = fx.write_factored(dense, root / f"{arch}-lr.gguf", outtype="f32")
-        twin = fx.write_factored(dense, root / f"{arch}-lr-dense.gguf", outtype="f32", dense=True)
-        # latent: k/v at rank 32 (of 64), others dense; ranks aligned to 32 for quantized caches
-        lat = fx.write_factored(dense, root / f"{arch}-kv.gguf", rank=lambda b, il, s: 32,
-                                linears=("attn_k", "attn_v"), kv_latent=True, outtype="f16")
-        out[arch] = {"dense": dense, "lr": fact, "lr_dense": twin, "kv": lat}
-    return out
-
-
-
-def ppl(model, text, **kw):
-    kw.setdefault("ctx", 128)
-    kw.setdefault("chunks", 3)
-    return llamacpp.perplexity(model, text, **kw)
-
-
-def _kld_base(model: Path, text: Path, base: Path, env: dict, *extra: str) -> Path:
-    """Write llama-perplexity's logits of `model` (3 x 128 tokens) under `env` to `base`: a KLD reference."""
-    subprocess.run([str(llamacpp.binary("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "128",
-                    "--chunks", "3", "--kl-divergence-base", str(base), *extra], check=True, capture_output=True,
-                   env=dict(os.environ, **env), timeout=300)
-    return base
 
 
 # ---------------------------------------------------------------- factored linears
@@ -245,15 +211,6 @@ def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small):
     for fa in ("on", "off"):
         q = ppl(model, text_small, extra=["-fa", fa, "-ctk", "q8_0", "-ctv", "q8_0"])
         assert abs(q["ppl"] / on["ppl"] - 1) < 0.02
-
-
-def _complete(model: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Greedy llama-completion with debug logging; fails the test on a non-zero exit."""
-    res = subprocess.run([str(llamacpp.binary("llama-completion")), "-m", str(model), "--ignore-eos", "-no-cnv",
-                          "--temp", "0", "-s", "1", "-t", "2", "--no-warmup", "-v", *args], capture_output=True,
-                         text=True, errors="replace", timeout=600, env=dict(os.environ, **(env or {})))
-    assert res.returncode == 0, res.stderr[-2000:]
-    return res
 
 
 def _generate(model: Path, env: dict) -> str:
