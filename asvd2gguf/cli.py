@@ -181,12 +181,14 @@ def build_llama(
     jobs: Optional[int] = typer.Option(None, help="Parallel build jobs (default: all cores)."),
     prefix: Optional[Path] = typer.Option(None, help="Folder that keeps the builds (default: the cache)."),
     tests: bool = typer.Option(False, help="Also build test-backend-ops and test-quantize-fns (separate build)."),
+    target: Optional[list[str]] = typer.Option(None, help="Build only this tool (repeatable; default: all of the "
+                                               "build's tools)."),
 ):
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
     from .llamacpp import build
 
     with progress_bar() as p:
-        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests)
+        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests, targets=target or None)
     out_console.print(str(bindir), highlight=False)
 
 
