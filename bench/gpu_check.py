@@ -451,7 +451,6 @@ class Run:
         self.info: dict[str, str] = {}
         self.threads = a.threads or os.cpu_count() or 2
         self.bins: Path | None = a.bins.resolve() if a.bins else None  # the CUDA build's bin folder
-        self.files: dict[tuple[str, str], Path] = {}  # (device, key) -> converted GGUF
 
     # -- output
     def say(self, step: str, msg: str) -> None:
@@ -663,14 +662,15 @@ def _convert_cmd(run: Run, device: str, key: str, model: str, opts: list[str], t
     conv = ["convert", model, *opts, "--calib", str(run.a.calib), "--calib-samples", samples, "--calib-seqlen",
             seqlen, "--seed", "233", "--cache-dir", str(run.work / f"cache-{device}"), "--out", str(out), "--force",
             *extra]
+    # beside the build on the host: leave most cores to nvcc; alone (dry run) take them all.
+    # COLUMNS: rich wraps the converter's summary line at the terminal width (80 in a pipe)
+    env = {"OMP_NUM_THREADS": str(run.threads if run.dry else max(2, run.threads // 4)), "COLUMNS": "200"}
     if device == "cpu":
-        # beside the build on the host: leave the cores to nvcc; alone (dry run) take them all
-        threads = str(run.threads if run.dry else max(2, run.threads // 4))
-        return Cmd(f"convert-{key}-cpu", [sys.executable, "-m", "asvd2gguf.cli", *conv, "--device", "cpu"],
-                   env={"OMP_NUM_THREADS": threads, "COLUMNS": "200"}, gpu=False)
+        return Cmd(f"convert-{key}-cpu", [sys.executable, "-m", "asvd2gguf.cli", *conv, "--device", "cpu"], env=env,
+                   gpu=False)
     dev = [] if "--device-map" in extra else ["--device", "cuda"]
     return Cmd(f"convert-{key}-{device}", [sys.executable, str(Path(__file__).resolve()), "peak", "--", *conv, *dev],
-               env={"COLUMNS": "200"})
+               env=env)
 
 
 def step_convert(run: Run) -> None:
@@ -696,8 +696,6 @@ def step_convert(run: Run) -> None:
                 run.not_run("convert", what)
                 continue
             r = parse_convert(done.out)
-            if done.rc == 0:
-                run.files[(device, key)] = run.file(device, key)
             res = f"wall {done.seconds:.1f} s" + (f" (pipeline {r['pipeline_s']:.1f} s)" if "pipeline_s" in r else "")
             if "peak_gpu_mib" in r:
                 res += f", peak GPU {r['peak_gpu_mib']:.0f} MiB"
@@ -1001,13 +999,14 @@ def main(argv: list[str] | None = None) -> int:
         if run.dry:
             run.step("build", step_build)
             lane.run()
+            run.step("backend-ops", step_backend_ops)
         else:
             lane.start()
             run.step("build", step_build)
             if run.bins is None and any(s in a.steps for s in ("backend-ops", "ppl", "bench")):
                 run.bins = llamacpp.built(cuda=True, tests=True, targets=GPU_TARGETS)  # from an earlier run
+            run.step("backend-ops", step_backend_ops)  # needs no converted file: beside the lane's tail
             lane.join()
-        run.step("backend-ops", step_backend_ops)
         run.step("ppl", step_ppl)
         run.step("bench", step_bench)
     out = write_report(run)

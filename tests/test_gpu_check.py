@@ -208,6 +208,24 @@ def _argv(tmp_path, *extra) -> list[str]:
     return ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), *extra]
 
 
+def test_convert_commands(tmp_path):
+    """The CPU conversions run in a dry run; the GPU ones go through `peak` (peak memory) with --device cuda."""
+    run = gc.Run(gc.parse_args(_argv(tmp_path, "--threads", "16", "--model", "m.gguf")))
+    cpu = gc._convert_cmd(run, "cpu", "kv0.5", "m.gguf", gc.SMOL_VARIANTS["kv0.5"], False)
+    gpu = gc._convert_cmd(run, "cuda", "kv0.5-nf4", "m.gguf", gc.SMOL_VARIANTS["kv0.5-nf4"], False)
+    mapped = gc._convert_cmd(run, "cuda", "tiny-llama-map", "tiny", gc.TINY_OPTS, True, ["--device-map", "map.json"])
+    assert not cpu.gpu and gpu.gpu and mapped.gpu
+    line = cpu.line(None)
+    assert line.startswith("OMP_NUM_THREADS=4 COLUMNS=200 ") and "--device cpu" in line
+    assert "--ratio 0.9 --kv 0.5 --calib" in line and "--calib-samples 8 --calib-seqlen 256 --seed 233" in line
+    assert f"--cache-dir {tmp_path / 'work' / 'cache-cpu'} --out {tmp_path / 'work' / 'cpu' / 'kv0.5.gguf'}" in line
+    line = gpu.line(None)
+    assert "gpu_check.py peak -- convert m.gguf --ratio 0.9 --kv 0.5 --quant nf4" in line
+    assert line.endswith("--device cuda") and "cache-cuda" in line
+    assert "--device-map map.json" in mapped.line(None) and "--device cuda" not in mapped.line(None)
+    assert "--calib-samples 8 --calib-seqlen 128" in mapped.line(None)
+
+
 def test_failure_exits_nonzero_with_the_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDAARCHS", "")  # restored afterwards: the run sets it
     code = gc.main(_argv(tmp_path, "--dry-run", "--steps", "env", "--model", str(tmp_path / "missing.gguf")))
