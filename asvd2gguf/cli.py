@@ -97,7 +97,7 @@ def convert(
         console.print(f"[yellow]warning:[/] {msg}")
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
-    out_console.print(f"wrote {res.out}", highlight=False)
+    out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe
 
 
 @app.command()
@@ -189,7 +189,7 @@ def build_llama(
 
     with progress_bar() as p:
         bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests, targets=target or None)
-    out_console.print(str(bindir), highlight=False)
+    out_console.print(str(bindir), highlight=False, soft_wrap=True)  # one line even in a pipe (rich folds at 80)
 
 
 @app.command("eval")

@@ -604,6 +604,9 @@ def step_env(run: Run) -> None:
                 raise UserError("git is not installed and .gpu_carry has no patched-overlay.tar.xz")
             n = apply_overlay(overlay, src, target, patch_hash())
             run.say("env", f"no git: patched tree from {overlay.name} ({n} files) in {target}")
+        run.check("env", "patch series", f"no git: the carried overlay, prepared in {target}")
+    else:
+        run.check("env", "patch series", "git apply, by the build")
     for what, p in (("model", a.model), ("text", a.text), ("calibration text", a.calib)):
         if not Path(p).exists() and p != "smollm2":
             raise UserError(f"{what} not found: {p} (on a GPU host: carry .gpu_carry, see docs/runtime.md)")
@@ -624,12 +627,11 @@ def step_build(run: Run) -> None:
     if done is None:
         run.not_run("build", f"CUDA build ({len(GPU_TARGETS)} targets, CUDAARCHS={cmd.env['CUDAARCHS']})")
         return
-    lines = [ln for ln in done.out.strip().splitlines() if ln.strip()]
-    root = Path(lines[-1].strip()) if lines else None
-    log = root.parent.parent / "build.log" if root is not None else None
-    if log is not None and log.is_file():
+    root = llamacpp.built(cuda=True, tests=True, targets=GPU_TARGETS)  # the same key: CUDAARCHS is set
+    log = llamacpp.source_dir(cuda=True, tests=True).parent / "build.log"
+    if log.is_file():
         shutil.copy(log, run.logs / "build-cmake.log")
-    ok = done.rc == 0 and root is not None and all((root / t).is_file() for t in GPU_TARGETS)
+    ok = done.rc == 0 and root is not None
     if ok:
         run.bins = root
     run.check("build", f"CUDA build ({len(GPU_TARGETS)} targets, CUDAARCHS={cmd.env['CUDAARCHS']})",
