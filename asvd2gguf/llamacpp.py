@@ -232,10 +232,10 @@ def built(cuda: bool = False, tests: bool = False, targets: Sequence[str] | None
     """The bin folder of a finished build with these options and targets, or None; never builds
     (for callers that must not start a long build, e.g. bench/gpu_check.py --dry-run)."""
     root = _build_root(cuda, prefix, tests)
-    bin_dir = root / "build" / "bin"
+    bins = root / "build" / "bin"
     want = _check_targets(targets, tests)
-    if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in want):
-        return bin_dir
+    if (root / _STAMP).is_file() and all((bins / t).is_file() for t in want):
+        return bins
     return None
 
 
