@@ -97,7 +97,7 @@ def convert(
         console.print(f"[yellow]warning:[/] {msg}")
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
-    out_console.print(f"wrote {res.out}", highlight=False)
+    out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe
 
 
 @app.command()
@@ -181,13 +181,15 @@ def build_llama(
     jobs: Optional[int] = typer.Option(None, help="Parallel build jobs (default: all cores)."),
     prefix: Optional[Path] = typer.Option(None, help="Folder that keeps the builds (default: the cache)."),
     tests: bool = typer.Option(False, help="Also build test-backend-ops and test-quantize-fns (separate build)."),
+    target: Optional[list[str]] = typer.Option(None, help="Build only this tool (repeatable; default: all of the "
+                                               "build's tools)."),
 ):
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
     from .llamacpp import build
 
     with progress_bar() as p:
-        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests)
-    out_console.print(str(bindir), highlight=False)
+        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests, targets=target or None)
+    out_console.print(str(bindir), highlight=False, soft_wrap=True)  # one line even in a pipe (rich folds at 80)
 
 
 @app.command("eval")

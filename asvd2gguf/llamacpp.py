@@ -46,6 +46,7 @@ _OPS_DEST = {
 _OPS_BACKEND_DIRS = ("ggml-cpu", "ggml-cuda")
 
 _STAMP = ".asvd2gguf-complete"
+PATCHED_STAMP = ".asvd2gguf-patched"  # in a source tree: patches/series applied, ggml_ops/ added
 
 
 def _hash_dir(h: hashlib._Hash, folder: Path) -> None:
@@ -124,9 +125,11 @@ def _say(console, msg: str) -> None:
 def _prepare_source(root: Path, console) -> Path:
     """Copy the pristine tree, apply the patch series, add ggml_ops/. Idempotent via a stamp."""
     src = root / "src"
-    stamp = src / ".asvd2gguf-patched"
+    stamp = src / PATCHED_STAMP
     if stamp.is_file():
         return src
+    if shutil.which("git") is None:  # only here: a prepared tree (stamp above) builds without it
+        raise UserError("git is required to apply patches/ to llama.cpp but was not found on PATH")
     if src.exists():
         shutil.rmtree(src)
     pristine = source_tree()
@@ -200,8 +203,63 @@ def _last_error(log_path: Path) -> str:
     return (lines[-1].strip()[:200] if lines else "no output")
 
 
+def _check_targets(targets: Sequence[str] | None, tests: bool) -> tuple[str, ...]:
+    """The targets to build: all of the build's (default) or a subset of them."""
+    allowed = _targets(tests)
+    if targets is None:
+        return allowed
+    unknown = [t for t in targets if t not in allowed]
+    if unknown or not targets:
+        extra = " (test targets need tests=True)" if any(t in TEST_TARGETS for t in unknown) else ""
+        raise UserError(f"unknown llama.cpp build target(s) {', '.join(unknown) or '(none)'}{extra}; "
+                        f"choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(targets))
+
+
+def bin_dir(cuda: bool = False, tests: bool = False, prefix: Path | None = None) -> Path:
+    """Where build() with these options puts the binaries (whether or not they exist yet)."""
+    return _build_root(cuda, prefix, tests) / "build" / "bin"
+
+
+def source_dir(cuda: bool = False, tests: bool = False, prefix: Path | None = None) -> Path:
+    """The patched source tree that build() with these options compiles (prepared on first use;
+    a tree placed here with PATCHED_STAMP in it is taken as prepared)."""
+    return _build_root(cuda, prefix, tests) / "src"
+
+
+def built(cuda: bool = False, tests: bool = False, targets: Sequence[str] | None = None,
+          prefix: Path | None = None) -> Path | None:
+    """The bin folder of a finished build with these options and targets, or None; never builds
+    (for callers that must not start a long build, e.g. bench/gpu_check.py --dry-run)."""
+    root = _build_root(cuda, prefix, tests)
+    bins = root / "build" / "bin"
+    want = _check_targets(targets, tests)
+    if (root / _STAMP).is_file() and all((bins / t).is_file() for t in want):
+        return bins
+    return None
+
+
+def build_commands(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, tests: bool = False,
+                   targets: Sequence[str] | None = None) -> list[list[str]]:
+    """The cmake configure and build command lines that build() runs for these options (the
+    source tree is <build root>/src, prepared first; CUDAARCHS in the environment picks the CUDA
+    architectures). Raises UserError on an unknown target."""
+    targets = _check_targets(targets, tests)
+    root = _build_root(cuda, prefix, tests)
+    src, build_dir = root / "src", root / "build"
+    ccache = shutil.which("ccache")
+    cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+           f"-DLLAMA_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+           f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+    if shutil.which("ninja"):
+        cfg += ["-G", "Ninja"]
+    jobs = jobs or os.cpu_count() or 2
+    return [cfg, ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]]
+
+
 def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, console=None,
-          tests: bool = False) -> Path:
+          tests: bool = False, targets: Sequence[str] | None = None) -> Path:
     """Build (or find cached) patched llama.cpp and return the folder of its binaries.
 
     cuda: configure with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS). jobs: parallel
@@ -209,46 +267,42 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
     ~/.cache/asvd2gguf/llama.cpp). console: a rich Console for progress, or None for silence.
     tests: also build TEST_TARGETS (LLAMA_BUILD_TESTS=ON); a separate build root and key, so
     the default build stays lean (with ccache the test build recompiles little).
-    The full build output goes to <build root>/build.log.
+    targets: build only these of the build's targets (default all; e.g. a CUDA check that needs
+    four tools); a later call asking for more builds the rest in the same folder.
+    The full build output goes to <build root>/build.log. Raises UserError on an unknown
+    target or a failed configure/build.
     """
+    want = _check_targets(targets, tests)
+    found = built(cuda, tests, want, prefix)
+    if found is not None:
+        return found
     root = _build_root(cuda, prefix, tests)
-    bin_dir = root / "build" / "bin"
-    targets = _targets(tests)
-    if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets):
-        return bin_dir
     with _locked(root):
-        if (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets):
-            return bin_dir  # built by another process while this one waited
-        return _build_locked(root, cuda, jobs, console, tests, targets)
+        found = built(cuda, tests, want, prefix)
+        if found is not None:
+            return found  # built by another process while this one waited
+        return _build_locked(root, cuda, jobs, console, tests, want, prefix)
 
 
-def _build_locked(root: Path, cuda: bool, jobs: int | None, console, tests: bool, targets: tuple[str, ...]) -> Path:
+def _build_locked(root: Path, cuda: bool, jobs: int | None, console, tests: bool, targets: tuple[str, ...],
+                  prefix: Path | None) -> Path:
     bin_dir = root / "build" / "bin"
-    for tool in ("cmake", "git"):
-        if shutil.which(tool) is None:
-            raise UserError(f"{tool} is required to build llama.cpp but was not found on PATH")
+    if shutil.which("cmake") is None:
+        raise UserError("cmake is required to build llama.cpp but was not found on PATH")
     t0 = time.time()
-    src = _prepare_source(root, console)
+    _prepare_source(root, console)
     build_dir = root / "build"
     log_path = root / "build.log"
-    jobs = jobs or os.cpu_count() or 2
     env = dict(os.environ)
-    ccache = shutil.which("ccache")
-    if ccache:
+    if shutil.which("ccache"):
         # relative paths below root make cache entries shareable between build roots
         env.setdefault("CCACHE_BASEDIR", str(root))
         env.setdefault("CCACHE_NOHASHDIR", "true")
-    cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-           f"-DLLAMA_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-           f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
-    if shutil.which("ninja"):
-        cfg += ["-G", "Ninja"]
+    cfg, cmd = build_commands(cuda, jobs, prefix, tests, targets)
     with open(log_path, "a") as log:
         _say(console, f"[bold]configuring[/] {'CUDA' if cuda else 'CPU'} build in {build_dir} (log: {log_path})")
         if _run_logged(cfg, log, env) != 0:
             raise UserError(f"cmake configure failed ({_last_error(log_path)}); see {log_path}")
-        cmd = ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]
         progress = None
         if console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -44,12 +44,17 @@ def tiny_config(arch: str):
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A small SentencePiece tokenizer trained on synthetic text (llama.cpp converts it for every arch)."""
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def build_tokenizer(d: Path) -> Path:
+    """Train the tiny models' tokenizer in folder `d`; returns its Hugging Face folder d/hf
+    (also used by bench/gpu_check.py, which builds the same tiny models on a GPU host)."""
     import json
 
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    d = tmp_path_factory.mktemp("tok")
     rng = random.Random(0)
     text = d / "train.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(3000)))

@@ -57,6 +57,22 @@ def test_build_key_depends_on_options():
     assert llamacpp.build_key(False) == llamacpp.build_key(False)
 
 
+def test_build_targets_are_checked_before_building(tmp_path):
+    """build(targets=...) builds a subset; unknown names fail at once (nothing prepared or run)."""
+    with pytest.raises(UserError, match="unknown llama.cpp build target"):
+        llamacpp.build(targets=["llama-server"], prefix=tmp_path)
+    with pytest.raises(UserError, match="need tests=True"):
+        llamacpp.build(targets=["test-backend-ops"], prefix=tmp_path)
+    assert not any(tmp_path.iterdir())
+    assert llamacpp.built(tests=True, targets=["test-backend-ops"], prefix=tmp_path) is None
+    cfg, cmd = llamacpp.build_commands(cuda=True, jobs=16, prefix=tmp_path, tests=True,
+                                       targets=["llama-perplexity", "test-backend-ops"])
+    assert "-DGGML_CUDA=ON" in cfg and "-DLLAMA_BUILD_TESTS=ON" in cfg
+    assert cmd[:2] == ["cmake", "--build"] and cmd[3:] == ["-j", "16", "--target", "llama-perplexity",
+                                                            "test-backend-ops"]
+    assert llamacpp.source_dir(True, True, tmp_path).parent == llamacpp.bin_dir(True, True, tmp_path).parents[1]
+
+
 def test_parse_perplexity_outputs():
     out = ("llama_kv_cache: size =   45.00 MiB (  512 cells,  30 layers,  1/1 seqs)\n"
            "perplexity: calculating perplexity over 4 chunks, n_ctx=512\n"
