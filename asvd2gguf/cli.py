@@ -91,6 +91,8 @@ def convert(
                         device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir)
     with progress_bar() as p:
         res = run(cfg, console, p)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
         msg = f if ":" in f else f"non-finite factors in {f}: written dense (or exact latent) instead"
         console.print(f"[yellow]warning:[/] {msg}")
