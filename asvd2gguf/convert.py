@@ -23,6 +23,7 @@ from .analysis import AnalysisStore, LinearInfo, kept_rank
 from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
 from .blocks import BlockRunner, resolve_device
 from .calibrate import LayerStats, collect
+from .config import DEFAULT_RATIO, ConvertConfig
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
 from .gguf_write import FORMAT_VERSION, OUTTYPES, QUANT_FILE_TYPES, BlockTensor, clean_stale_partials, write_gguf
@@ -32,37 +33,6 @@ from .quantize import plan as quant_plan
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
 from .text import calibration_windows, default_calibration, tokens_digest
-
-
-@dataclass
-class ConvertConfig:
-    model: str
-    out: Path | None = None
-    force: bool = False
-    ratio: float | None = None
-    ppl_target: float | None = None
-    kv: float | None = None
-    calib: str | None = None
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    seed: int = 233
-    method: str = "asvd"
-    scaling: str = "abs_mean"
-    alpha: float = 0.5
-    rank_align: int = 32
-    sensitivity: str = "fisher"
-    sweep_samples: int = 4
-    allocation: str = "lagrange"
-    outtype: str = "f16"
-    quant: str = "none"
-    quant_dense: str | None = None
-    quant_embd: str | None = None
-    sigma_split: str = "uv"
-    dense: bool = False
-    device: str = "auto"
-    device_map: str | None = None  # accelerate device_map: a strategy name or a JSON file (placement.py)
-    max_memory: str | None = None  # "0=20GiB,cpu=60GiB": accelerate's max_memory for a named strategy
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "asvd2gguf")
 
 
 @dataclass
@@ -83,7 +53,7 @@ def validate(cfg: ConvertConfig) -> None:
     if cfg.ratio is not None and cfg.ppl_target is not None:
         raise UserError("give either --ratio or --ppl-target, not both")
     if cfg.ratio is None and cfg.ppl_target is None:
-        cfg.ratio = 0.9
+        cfg.ratio = DEFAULT_RATIO
     if cfg.ratio is not None and not (0 < cfg.ratio <= 1):
         raise UserError(f"--ratio must be in (0, 1], got {cfg.ratio}")
     if cfg.ppl_target is not None and not (cfg.ppl_target > 1):
