@@ -183,13 +183,14 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
         elif spec.count("/") != 1:
             raise UserError(f"model not found: {spec}")
 
-    offload = None
+    offload = reader = None
     try:
         try:
             if gguf_path is not None:
                 _check_gguf_arch(gguf_path)
                 fp = fingerprint_file(gguf_path)
-                rope = gguf_rope_parameters(FastGGUFReader(gguf_path))
+                reader = FastGGUFReader(gguf_path)
+                rope = gguf_rope_parameters(reader)
                 if rope is not None:  # a torch model that now applies the scaling: its own cache entries
                     fp = cache.key(fp, rope)
                 folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir, rope), gguf_path.stem
@@ -207,8 +208,8 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
                 fp, folder, name = fingerprint_dir(hf_dir), hf_dir, spec.split("/")[-1]
             offload, model_kw = _placement_kw(placement, cache_dir, fp)
             model, tok = _load_hf(folder, model_kw)
-            if gguf_path is not None:
-                check_rope_freqs(model, FastGGUFReader(gguf_path))
+            if reader is not None:
+                check_rope_freqs(model, reader)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
     except BaseException:
