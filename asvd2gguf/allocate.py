@@ -31,6 +31,18 @@ class Options:
     cost: np.ndarray  # predicted loss increase
 
     def __post_init__(self):
+        """Sorts the options by params; raises UserError for a non-finite cost or no options.
+
+        Every loop below relies on finite costs (a NaN passes no comparison: a NaN gain is
+        neither "no gain" nor a gain, and the greedy fill never settled), so NaN and inf never
+        get past here.
+        """
+        cost = np.asarray(self.cost, dtype=np.float64)
+        if cost.size == 0:
+            raise UserError(f"no rank options for {self.name}")
+        if not np.isfinite(cost).all():
+            raise UserError(f"non-finite predicted loss increase for {self.name} (its sensitivity curve has NaN or "
+                            "inf)")
         order = np.argsort(self.params, kind="stable")
         for f in ("ranks", "params", "width", "cost"):
             setattr(self, f, np.asarray(getattr(self, f))[order])
@@ -97,16 +109,25 @@ def _total(opts, choice):
     return p, w, cost
 
 
+PRICE_DECADES = range(-12, 31)  # prices scanned: 1e-12 .. 1e30 per parameter (or per latent channel)
+
+
 def _bisect_price(fn, feasible, iters: int = 60) -> float:
-    """Smallest price in [0, inf) whose solution is feasible (price scanned geometrically)."""
+    """Smallest price in [0, inf) whose solution is feasible (price scanned geometrically).
+
+    Both loops are bounded: a scan over PRICE_DECADES, then `iters` halvings. If no scanned
+    price is feasible the largest is returned and the caller's feasibility check reports it.
+    """
     if feasible(fn(0.0)):
         return 0.0
-    hi = 1e-12
-    while not feasible(fn(hi)):
-        hi *= 10
-        if hi > 1e30:
-            return hi
-    lo = hi / 10 if hi > 1e-12 else 0.0
+    hi = None
+    for k in PRICE_DECADES:
+        if feasible(fn(10.0 ** k)):
+            hi = 10.0 ** k
+            break
+    if hi is None:
+        return 10.0 ** PRICE_DECADES[-1]
+    lo = hi / 10 if hi > 10.0 ** PRICE_DECADES[0] else 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
         if feasible(fn(mid)):
@@ -117,26 +138,31 @@ def _bisect_price(fn, feasible, iters: int = 60) -> float:
 
 
 def _greedy_fill(opts, choice, max_params, max_width):
-    """Spend the budget the Lagrangian left: best loss reduction per parameter first."""
+    """Spend the budget the Lagrangian left: best loss reduction per parameter first.
+
+    A move takes one linear to an option of strictly lower cost (gain > 0), so each linear
+    moves at most len(options) - 1 times and the loop ends after at most sum(len - 1) moves.
+    """
     p, w, _ = _total(opts, choice)
-    while True:
+    for _ in range(sum(len(o.cost) - 1 for o in opts) + 1):
         best = None
         for i, (o, c) in enumerate(zip(opts, choice)):
             for c2 in range(len(o.params)):
                 dp = int(o.params[c2] - o.params[c])
                 dw = int(o.width[c2] - o.width[c])
                 gain = float(o.cost[c] - o.cost[c2])
-                if gain <= 0 or p + dp > max_params or w + dw > max_width:
+                if not gain > 0 or p + dp > max_params or w + dw > max_width:
                     continue
                 score = gain / max(dp, 1)
                 if best is None or score > best[0]:
                     best = (score, i, c2, dp, dw)
         if best is None:
-            return choice
+            break
         _, i, c2, dp, dw = best
         choice[i] = c2
         p += dp
         w += dw
+    return choice
 
 
 def lagrange(opts: list[Options], max_params: int, max_width: int) -> Allocation:
@@ -148,7 +174,15 @@ def lagrange(opts: list[Options], max_params: int, max_width: int) -> Allocation
 
     mu = _bisect_price(lambda m: _total(opts, solve_mu(m)), lambda t: t[1] <= max_width)
     choice = _greedy_fill(opts, solve_mu(mu), max_params, max_width)
-    return Allocation(choice, *_total(opts, choice))
+    return _checked(opts, choice, max_params, max_width)
+
+
+def _checked(opts, choice, max_params, max_width) -> Allocation:
+    """The allocation, or Unreachable when it breaks a budget (never silently over budget)."""
+    alloc = Allocation(choice, *_total(opts, choice))
+    if alloc.params > max_params or alloc.width > max_width:
+        raise Unreachable(*_minimum(opts))
+    return alloc
 
 
 def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
@@ -159,8 +193,9 @@ def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
     _check_reachable(opts, max_params, max_width)
     thresholds = np.unique(np.concatenate([o.cost for o in opts]))
 
-    def at(t):
-        return [int(np.nonzero(o.cost <= t)[0][0]) for o in opts]
+    def at(t):  # each linear's smallest option with cost <= t; its cheapest-cost option if none is
+        return [int(np.flatnonzero(o.cost <= t)[0]) if (o.cost <= t).any() else int(np.argmin(o.cost))
+                for o in opts]
 
     def fits(i):
         p, w, _ = _total(opts, at(thresholds[i]))
@@ -175,8 +210,7 @@ def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
             hi = mid
         else:
             lo = mid + 1
-    choice = at(thresholds[lo])
-    return Allocation(choice, *_total(opts, choice))
+    return _checked(opts, at(thresholds[lo]), max_params, max_width)
 
 
 def allocate(opts: list[Options], max_params: int, max_width: int, method: str = "lagrange") -> Allocation:

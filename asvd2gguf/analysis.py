@@ -17,6 +17,7 @@ from . import cache
 from .arch import KV_KEYS, LINEARS, get_module
 from .calibrate import LayerStats
 from .decompose import KV_METHOD, REST_METHOD, Factorization, break_even_rank, factorize, whitening_factor
+from .errors import UserError
 from .placement import materialized
 from .sensitivity import tail_curves
 
@@ -67,6 +68,8 @@ class AnalysisStore:
             lin = get_module(model_layer, spec.module)
             with materialized(lin):  # an offloaded weight is loaded for this linear only
                 w = lin.weight.detach().to(device)
+            if not bool(torch.isfinite(w).all()):
+                raise UserError(f"blk.{i}.{spec.gguf} has NaN or inf weights")
             absstat = (stats.abs_mean if scaling == "abs_mean" else stats.abs_max)[spec.group]
             gx = stats.gram[spec.group].to(device)
             gg = stats.out_gram.get(spec.key)

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .config import DEFAULT_METHOD_REASON, DEFAULT_RATIO
+from .config import DEFAULTS as D  # the defaults live in ConvertConfig; the options only show them
 from .errors import AsvdWarning, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out_console = Console()
 
-DEFAULT_CACHE = Path(os.environ.get("ASVD2GGUF_CACHE", Path.home() / ".cache" / "asvd2gguf"))
+DEFAULT_CACHE = D.cache_dir
 
 
 @contextmanager
@@ -40,35 +42,38 @@ def fail(msg: str, code: int = 1):
 def convert(
     model: str = typer.Argument(..., help="Hugging Face folder, hub id, .gguf file, or 'smollm2' (embedded default)."),
     ratio: Optional[float] = typer.Option(None, help="Parameters kept in the 7 block linears of every layer / dense "
-                                          "count (embeddings, norms and output head not counted). Default 0.9."),
+                                          "count (embeddings, norms and output head not counted). "
+                                          f"Default {DEFAULT_RATIO}."),
     ppl_target: Optional[float] = typer.Option(None, help="Instead of --ratio: smallest model whose calibration "
                                                "perplexity stays under this value."),
     kv: Optional[float] = typer.Option(None, help="Latent KV width kept: "
                                        "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
     out: Optional[Path] = typer.Option(None, help="Output .gguf (default: derived from model and options)."),
-    force: bool = typer.Option(False, help="Overwrite an existing output."),
+    force: bool = typer.Option(D.force, help="Overwrite an existing output."),
     calib: Optional[str] = typer.Option(None, help="Calibration text file, or 'selfgen' (default: "
                                         "../shared/data/wikitext-2/wiki.valid.tokens if present, else selfgen)."),
-    calib_samples: int = typer.Option(32, help="Calibration windows."),
-    calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
-    seed: int = typer.Option(233, help="Seed for calibration windows."),
-    method: str = typer.Option("asvd", help="asvd | svd | whiten | kfac (both sides whitened) | hybrid "
-                                "(kfac for k/v, whiten for the rest)."),
-    scaling: str = typer.Option("abs_mean", help="abs_mean | abs_max (ASVD activation statistic)."),
-    alpha: float = typer.Option(0.5, help="ASVD scaling exponent."),
-    rank_align: int = typer.Option(32, help="Ranks are multiples of this (32 keeps quantized factors valid)."),
-    sensitivity: str = typer.Option("fisher", help="fisher (K-FAC prediction) | ppl (exact sweep) | error."),
-    sweep_samples: int = typer.Option(4, help="Calibration windows used by --sensitivity ppl."),
-    allocation: str = typer.Option("lagrange", help="lagrange | strs (the paper's threshold search)."),
-    outtype: str = typer.Option("f16", help="f32 | f16 | bf16 for factors and dense tensors."),
-    quant: str = typer.Option("none", help="none | q8_0 | nf4 | iq4_nl: quantize the factors (and the dense block "
+    calib_samples: int = typer.Option(D.calib_samples, help="Calibration windows."),
+    calib_seqlen: int = typer.Option(D.calib_seqlen, help="Tokens per calibration window."),
+    seed: int = typer.Option(D.seed, help="Seed for calibration windows."),
+    method: str = typer.Option(D.method, help="asvd (the paper's: activation-scaled SVD) | svd | whiten "
+                               "(SVD-LLM) | kfac (both sides whitened) | hybrid (kfac for k/v, whiten for the rest). "
+                               f"Default {D.method}: {DEFAULT_METHOD_REASON}."),
+    scaling: str = typer.Option(D.scaling, help="abs_mean | abs_max (ASVD activation statistic)."),
+    alpha: float = typer.Option(D.alpha, help="ASVD scaling exponent."),
+    rank_align: int = typer.Option(D.rank_align, help="Ranks are multiples of this (32 keeps quantized factors "
+                                   "valid)."),
+    sensitivity: str = typer.Option(D.sensitivity, help="fisher (K-FAC prediction) | ppl (exact sweep) | error."),
+    sweep_samples: int = typer.Option(D.sweep_samples, help="Calibration windows used by --sensitivity ppl."),
+    allocation: str = typer.Option(D.allocation, help="lagrange | strs (the paper's threshold search)."),
+    outtype: str = typer.Option(D.outtype, help="f32 | f16 | bf16 for factors and dense tensors."),
+    quant: str = typer.Option(D.quant, help="none | q8_0 | nf4 | iq4_nl: quantize the factors (and the dense block "
                               "linears) while writing; token_embd/output then get q8_0 (see docs/gguf-format.md)."),
     quant_dense: Optional[str] = typer.Option(None, help="Type of block linears left dense (default: --quant's)."),
     quant_embd: Optional[str] = typer.Option(None, help="Type of token_embd/output (default: q8_0 with --quant, "
                                              "else --outtype)."),
-    sigma_split: str = typer.Option("uv", help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
-    dense: bool = typer.Option(False, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda: where each block is moved to run (the model itself "
+    sigma_split: str = typer.Option(D.sigma_split, help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
+    dense: bool = typer.Option(D.dense, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
+    device: str = typer.Option(D.device, help="auto | cpu | cuda: where each block is moved to run (the model itself "
                                "stays on the CPU). Leave at auto with --device-map."),
     device_map: Optional[str] = typer.Option(None, help="Let accelerate place the model instead: auto | balanced | "
                                              "balanced_low_0 | sequential (transformers' device_map strategies) or a "
@@ -92,6 +97,8 @@ def convert(
                         device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir)
     with progress_bar() as p:
         res = run(cfg, console, p)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
         msg = f if ":" in f else f"non-finite factors in {f}: written dense (or exact latent) instead"
         console.print(f"[yellow]warning:[/] {msg}")

@@ -23,6 +23,7 @@ from .analysis import AnalysisStore, LinearInfo, kept_rank
 from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
 from .blocks import BlockRunner, resolve_device
 from .calibrate import LayerStats, collect
+from .config import DEFAULT_RATIO, ConvertConfig
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
 from .gguf_write import FORMAT_VERSION, OUTTYPES, QUANT_FILE_TYPES, BlockTensor, clean_stale_partials, write_gguf
@@ -32,37 +33,6 @@ from .quantize import plan as quant_plan
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
 from .text import calibration_windows, default_calibration, tokens_digest
-
-
-@dataclass
-class ConvertConfig:
-    model: str
-    out: Path | None = None
-    force: bool = False
-    ratio: float | None = None
-    ppl_target: float | None = None
-    kv: float | None = None
-    calib: str | None = None
-    calib_samples: int = 32
-    calib_seqlen: int = 512
-    seed: int = 233
-    method: str = "asvd"
-    scaling: str = "abs_mean"
-    alpha: float = 0.5
-    rank_align: int = 32
-    sensitivity: str = "fisher"
-    sweep_samples: int = 4
-    allocation: str = "lagrange"
-    outtype: str = "f16"
-    quant: str = "none"
-    quant_dense: str | None = None
-    quant_embd: str | None = None
-    sigma_split: str = "uv"
-    dense: bool = False
-    device: str = "auto"
-    device_map: str | None = None  # accelerate device_map: a strategy name or a JSON file (placement.py)
-    max_memory: str | None = None  # "0=20GiB,cpu=60GiB": accelerate's max_memory for a named strategy
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "asvd2gguf")
 
 
 @dataclass
@@ -76,13 +46,14 @@ class Result:
     seconds: float
     fallbacks: list[str]
     store_root: Path
+    warnings: list[str] = field(default_factory=list)
 
 
 def validate(cfg: ConvertConfig) -> None:
     if cfg.ratio is not None and cfg.ppl_target is not None:
         raise UserError("give either --ratio or --ppl-target, not both")
     if cfg.ratio is None and cfg.ppl_target is None:
-        cfg.ratio = 0.9
+        cfg.ratio = DEFAULT_RATIO
     if cfg.ratio is not None and not (0 < cfg.ratio <= 1):
         raise UserError(f"--ratio must be in (0, 1], got {cfg.ratio}")
     if cfg.ppl_target is not None and not (cfg.ppl_target > 1):
@@ -136,6 +107,8 @@ def calibration_stats(src: Source, runner: BlockRunner, tokens, cfg, progress, n
         if all(x is not None for x in layers):
             return [LayerStats.from_dict(x) for x in layers]
     calib = collect(runner, tokens, fisher=need_fisher, progress=progress)
+    if not math.isfinite(calib.base_loss):
+        raise UserError(f"the model's calibration loss is {calib.base_loss}: {_non_finite_weight(src)}")
     for i, st in enumerate(calib.layers):
         cache.save(st.to_dict(), root / f"layer_{i:03d}.pt")
     tmp = meta.with_suffix(".tmp")
@@ -144,10 +117,21 @@ def calibration_stats(src: Source, runner: BlockRunner, tokens, cfg, progress, n
     return calib.layers
 
 
+def _non_finite_weight(src: Source) -> str:
+    """Names the first parameter with NaN or inf (read only after a non-finite loss: offloaded
+    weights are read from disk again)."""
+    from .placement import cpu_state_items
+
+    for name, t in cpu_state_items(src.model):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{name} has NaN or inf values"
+    return "no weight has NaN or inf values (activations overflow float32?)"
+
+
 def analyse(src: Source, runner, tokens, cfg, progress) -> AnalysisStore:
     store = AnalysisStore(
         cfg.cache_dir / "analysis"
-        / cache.key(src.fingerprint, tokens_digest(tokens), cfg.method, cfg.alpha, cfg.scaling, "v2")
+        / cache.key(src.fingerprint, tokens_digest(tokens), cfg.method, cfg.alpha, cfg.scaling, "v3")
     )
     if store.complete(src.n_layer):
         return store
@@ -171,7 +155,7 @@ def ppl_sensitivity(src, runner, tokens, cfg, store: AnalysisStore, infos, progr
     """The paper's exact sweep, cached per linear, over the first `sweep_samples` windows."""
     toks = tokens[: cfg.sweep_samples]
     root = cfg.cache_dir / "sens_ppl" / cache.key(
-        src.fingerprint, tokens_digest(toks), cfg.method, cfg.alpha, cfg.scaling, cfg.rank_align, "v1"
+        src.fingerprint, tokens_digest(toks), cfg.method, cfg.alpha, cfg.scaling, cfg.rank_align, "v2"
     )
     todo = [inf for inf in infos if cache.load(root / f"{inf.name}.pt") is None]
     if todo:
@@ -191,18 +175,32 @@ def ppl_sensitivity(src, runner, tokens, cfg, store: AnalysisStore, infos, progr
         inf.curves["ppl"] = interpolate(pts, inf.full_rank)
 
 
-def _tie_broken(curve: np.ndarray, error: np.ndarray) -> np.ndarray:
-    """Make equal costs strictly ordered by the output error, which always falls with rank.
+def _tie_broken(curve: np.ndarray, error: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """Make equal costs strictly ordered: by the output error, then by the weight's own error.
 
     A measured curve (the exact sweep) is flat at zero wherever truncation stays under the
     noise of the calibration loss; the allocator then sees more rank as worth nothing and
-    leaves the parameter budget unspent (0.909 achieved for a 0.938 target). A tie-break far
-    below any measured difference lets it fill the budget without changing other choices.
+    leaves the parameter budget unspent (0.909 achieved for a 0.938 target). With fewer
+    calibration tokens than input channels, every curve computed through X^T X (fisher, error,
+    and the factorizations of whiten, kfac and hybrid) is exactly 0 past the Gram's rank, so
+    the output error breaks no tie there (0.59 achieved for 0.9): the weight's Frobenius error
+    (sensitivity.tail_curves' `weight`) still falls with rank. Tie-breaks far below any
+    measured difference let the allocator fill the budget without changing other choices.
     """
-    return curve + 1e-9 * error / max(float(error[0]), 1e-30)
+    tie = error / max(float(error[0]), 1e-30)
+    if weight is not None:
+        tie = tie + 1e-3 * weight / max(float(weight[0]), 1e-30)
+    return curve + 1e-9 * tie
 
 
-def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool) -> list[Options]:
+def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool,
+                  fallbacks: list[str] | None = None) -> list[Options]:
+    """Each linear's rank options (params, latent width, predicted cost) for the allocator.
+
+    A linear whose curves are not finite gets only the exact choice (dense, or the full-width
+    latent for K/V under a latent cache) and is reported in `fallbacks`: no NaN reaches the
+    allocator, whose loops rely on ordered costs.
+    """
     opts = []
     for inf in infos:
         top = kept_rank(inf.key, inf.m, inf.n)
@@ -212,10 +210,15 @@ def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool) 
         ranks = list(range(cfg.rank_align, top + 1, cfg.rank_align))
         if kv and inf.full_rank not in ranks:
             ranks.append(inf.full_rank)  # the exact latent: always available
-        curve = _tie_broken(inf.curves[cfg.sensitivity], inf.curves["error"])
+        curve = _tie_broken(inf.curves[cfg.sensitivity], inf.curves["error"], inf.curves.get("weight"))
+        if not np.isfinite(curve).all():
+            ranks = [inf.full_rank] if kv else []
+            if fallbacks is not None:
+                fallbacks.append(f"{inf.name}: non-finite {cfg.sensitivity} sensitivity curve; written "
+                                 f"{'as the exact full-width latent' if kv else 'dense'}")
         r_arr = np.array(ranks + ([] if kv else [0]), dtype=np.int64)
         params = np.where(r_arr == 0, inf.m * inf.n, r_arr * (inf.m + inf.n))
-        cost = np.array([curve[r] if r else 0.0 for r in r_arr])
+        cost = np.array([curve[r] if r and np.isfinite(curve).all() else 0.0 for r in r_arr])
         width = r_arr if kv else np.zeros_like(r_arr)
         opts.append(Options(inf.name, r_arr, params, width, cost))
     return opts
@@ -354,8 +357,10 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
         ppl_sensitivity(src, runner, tokens, cfg, store, infos, progress)
         st.done("exact perplexity sensitivity sweep")
 
+    warnings = [w for w in (calibration_warning(int(tokens.numel()), infos),) if w]
     latent = cfg.kv is not None and cfg.kv < 1
-    opts = build_options(infos, cfg, latent)
+    curve_fallbacks: list[str] = []
+    opts = build_options(infos, cfg, latent, curve_fallbacks)
     dense_total = sum(inf.m * inf.n for inf in infos)
     kv_full = sum(inf.m for inf in infos if inf.key in KV_KEYS)
     kv_budget = int(cfg.kv * kv_full) if latent else 1 << 62
@@ -374,6 +379,7 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
     st.done(f"rank allocation ({cfg.allocation}, {cfg.sensitivity})")
 
     blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense, cfg.sigma_split)
+    fallbacks = curve_fallbacks + fallbacks
     qplan = quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)
     seen = blocks
     if qplan.active:
@@ -400,7 +406,22 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
                file_type=QUANT_FILE_TYPES.get(qplan.dense if cfg.dense or not any(ranks.values()) else qplan.factors))
     st.done("GGUF written")
     return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks,
-                  store.root)
+                  store.root, warnings)
+
+
+def calibration_warning(n_tokens: int, infos: list[LinearInfo]) -> str | None:
+    """A warning when the calibration has fewer tokens than the widest linear has input channels.
+
+    X^T X (T tokens, n channels) then has rank <= T < n: every curve computed through it is
+    exactly 0 for the input directions the calibration never excited, so it cannot rank them
+    (they are ordered by the weight's own error instead, see _tie_broken). None when T >= n.
+    """
+    widest = max(infos, key=lambda inf: inf.n)
+    if n_tokens >= widest.n:
+        return None
+    return (f"the calibration has {n_tokens} tokens, fewer than the {widest.n} input channels of {widest.key}: "
+            f"X^T X has rank <= {n_tokens}, so directions the calibration never excited are ranked by weight norm "
+            f"only; give at least {widest.n} tokens (--calib-samples x --calib-seqlen), better several times more")
 
 
 def _map_summary(model) -> str:

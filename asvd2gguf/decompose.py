@@ -69,21 +69,34 @@ def lapack_threads(n: int = 1):
         torch.set_num_threads(old)
 
 
-def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (float64) through the eigenproblem of the smaller Gram matrix.
+GRAM_SVD_RTOL = 1e-6  # smallest s_min / s_max the Gram route computes left vectors for
 
-    On 2 CPU cores this is 4x faster than gesdd for our shapes. Squaring the condition number
-    only blurs singular directions below ~1e-8 of the largest, which truncation drops anyway.
+
+def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (float64): U (rows, p) and V^T (p, cols) orthonormal, s (p,) descending, p = min shape.
+
+    Through the eigenproblem of the smaller Gram matrix: on 2 CPU cores this is 4x faster than
+    gesdd for our shapes. Squaring the condition number only blurs singular directions below
+    ~1e-8 of the largest, which truncation drops anyway; but the left vectors u = M v / s of
+    those directions are noise divided by almost nothing (a weight with zero or repeated rows
+    or columns, or all zero, has s = 0 up to rounding: u then overflows to inf and every
+    factor and cost curve of that linear turns NaN). So a matrix that is numerically rank
+    deficient (s_min < GRAM_SVD_RTOL s_max, or s_max = 0) takes LAPACK's SVD, whose U and V
+    are orthonormal whatever the rank: its factors are finite and exact up to the rank.
     """
     if m.shape[0] < m.shape[1]:
         u, s, vt = _svd(m.T)
         return vt.T, s, u.T
     g = m.T @ m
-    with lapack_threads(1 if g.device.type == "cpu" else torch.get_num_threads()):
+    threads = 1 if g.device.type == "cpu" else torch.get_num_threads()
+    with lapack_threads(threads):
         e, v = torch.linalg.eigh(g)
     e, v = e.flip(0).clamp_min(0), v.flip(1)
     s = e.sqrt()
-    u = (m @ v) / s.clamp_min(s[0] * 1e-150 if s.numel() else 1.0)
+    if s.numel() and not bool(s[-1] > GRAM_SVD_RTOL * s[0]):  # also true for s[0] = 0 and for NaN
+        with lapack_threads(threads):
+            return torch.linalg.svd(m, full_matrices=False)
+    u = (m @ v) / s
     return u, s, v.T
 
 

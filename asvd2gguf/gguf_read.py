@@ -18,6 +18,7 @@ from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .lowrank import LowRankLinear
 from .quants import dequantize
+from .rope import check_rope_freqs, gguf_rope_parameters, set_rope_parameters
 
 
 def open_gguf(path: Path) -> FastGGUFReader:
@@ -116,9 +117,11 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     head_dim = field_value(reader, f"{info.arch}.attention.key_length")
     if head_dim is not None:  # transformers' GGUF config mapping drops it (qwen3 then defaults to 128)
         config.head_dim = int(head_dim)
+    set_rope_parameters(config, gguf_rope_parameters(reader))  # transformers' GGUF mapping drops rope scaling
     tensors = {t.name: t for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in tensors
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    check_rope_freqs(model, reader)
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == info.arch)
     nmap = gguf.get_tensor_name_map(arch_enum, info.n_layer)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}

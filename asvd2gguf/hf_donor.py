@@ -1,15 +1,28 @@
-"""Metadata and tokenizer for a Hugging Face folder, produced by llama.cpp's own converter.
+"""Metadata, tokenizer and generated tensors for a Hugging Face folder, from llama.cpp's own converter.
 
-We run the pinned tree's `conversion` package (the engine of convert_hf_to_gguf.py) in vocab-only
-mode, as its convert_lora_to_gguf.py reuses it, so hyper-parameters and tokenizer keys match
-what llama.cpp expects exactly. It runs in a subprocess: the tree brings its own module layout
-and logging, which should not leak into ours.
+We run the pinned tree's `conversion` package (the engine of convert_hf_to_gguf.py) as its
+convert_lora_to_gguf.py reuses it, so hyper-parameter and tokenizer keys match what llama.cpp
+expects exactly. It runs in a subprocess: the tree brings its own module layout and logging,
+which should not leak into ours.
+
+The converter does more than copy checkpoint tensors and hyper-parameters: it *generates*
+tensors from the configuration (Llama 3.x `rope_freqs.weight` from `rope_scaling`, and more in
+other model classes) and some keys are only set while its tensors are prepared. So the
+subprocess runs the converter's whole tensor pass lazily (no weight is read), writes the
+metadata after it, and hands back the list of every tensor name the stock converter would write
+plus the values of the tensors it generates. Block linears and checkpoint tensors still come
+from the torch model (they are what we compress); the generated ones are taken from the
+converter, and any name on one side only is an error instead of a silently different model.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,35 +36,74 @@ from .llama_source import source_tree
 from .placement import cpu_state_items
 
 _SCRIPT = r"""
-import sys
+import json, sys
 from pathlib import Path
 tree, model_dir, out = sys.argv[1:4]
 sys.path.insert(0, tree)
 sys.path.insert(0, str(Path(tree) / "gguf-py"))  # the tree's gguf-py: newer constants than PyPI's
+import numpy as np
+import torch
 import gguf
 from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 hparams = ModelBase.load_hparams(Path(model_dir), False)
 arch = get_model_architecture(hparams, ModelType.TEXT)
 cls = get_model_class(arch)
-m = cls(Path(model_dir), gguf.LlamaFileType.MOSTLY_F16, Path(out), hparams=hparams)
-m.write_vocab()
+out = Path(out)
+m = cls(Path(model_dir), gguf.LlamaFileType.ALL_F32, out / "vocab.gguf", hparams=hparams)
+# The stock tensor pass, lazily: names of everything convert_hf_to_gguf.py writes (and any key
+# it sets on the way); no checkpoint tensor is read.
+m.prepare_tensors()
+names = [n for shard in m.gguf_writer.tensors for n in shard]
+# The tensors it generates from the configuration, through the same per-tensor path.
+generated = {}
+for name, data in m.generate_extra_tensors():
+    if data.dtype not in (torch.float16, torch.float32):
+        data = data.to(torch.float32)
+    for new_name, d in m.modify_tensors(data, name, None):
+        generated[new_name] = np.asarray(gguf.LazyBase.to_eager(d.numpy()), dtype=np.float32)
+# Metadata as write_vocab() writes it, after the tensor pass; the header then lists no tensors.
+m.prepare_metadata(vocab_only=True)
+m.gguf_writer.tensors = [{}]
+m.gguf_writer.write_header_to_file(path=m.fname_out)
+m.gguf_writer.write_kv_data_to_file()
+m.gguf_writer.close()
+np.savez(out / "generated.npz", **generated)
+(out / "tensors.json").write_text(json.dumps({"names": names, "generated": list(generated)}))
 """
+
+_VERSION = "donor-v2"  # bump when the script's outputs change
+
+
+def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path) -> Path:
+    """Folder with vocab.gguf (all keys, no tensors), tensors.json and generated.npz for `hf_dir`.
+
+    Cached under <cache_dir>/donors by the folder's content; made once by llama.cpp's converter.
+    Raises UserError (with the converter's last line) when the converter rejects the folder.
+    """
+    out = cache_dir / "donors" / cache.key(fingerprint, _VERSION)
+    if (out / "tensors.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp)],
+                             capture_output=True, text=True)
+        if res.returncode != 0 or not (tmp / "tensors.json").is_file():
+            err = [ln for ln in (res.stderr or "").strip().splitlines() if ln.strip()]
+            raise UserError(f"llama.cpp's converter failed on {hf_dir}: {err[-1] if err else 'no output'}")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process made the same entry first; its copy is as good
+            if not (out / "tensors.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def vocab_gguf(hf_dir: Path, fingerprint: str, cache_dir: Path) -> Path:
-    out = cache_dir / "donors" / f"{cache.key(fingerprint, 'vocab-v1')}.gguf"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp)],
-                         capture_output=True, text=True)
-    if res.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        err = [ln for ln in (res.stderr or "").strip().splitlines() if ln.strip()]
-        raise UserError(f"llama.cpp's converter failed on {hf_dir}: {err[-1] if err else 'no output'}")
-    tmp.replace(out)
-    return out
+    """The converter's metadata for `hf_dir` as a tensor-less GGUF (see converter_outputs)."""
+    return converter_outputs(hf_dir, fingerprint, cache_dir) / "vocab.gguf"
 
 
 def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
@@ -74,5 +126,29 @@ def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
         yield new, arr
 
 
-def hf_donor(src, cache_dir: Path):
-    return vocab_gguf(src.hf_dir, src.fingerprint, cache_dir), list(hf_tensors(src))
+def check_tensor_names(ours: list[str], stock: list[str], folder: str) -> None:
+    """Our file and the stock converter's must hold the same tensors; else name the first difference.
+
+    Raises UserError: a tensor llama.cpp's converter writes that we would drop (a missing tensor
+    changes the model llama.cpp runs without any error), or one it does not write.
+    """
+    missing, extra = sorted(set(stock) - set(ours)), sorted(set(ours) - set(stock))
+    if missing:
+        raise UserError(f"llama.cpp's converter writes {missing[0]} for {folder}"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, "
+                        "which asvd2gguf does not produce for this model")
+    if extra:
+        raise UserError(f"asvd2gguf would write {extra[0]} for {folder}, which llama.cpp's converter does not")
+
+
+def hf_donor(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]]]:
+    """(vocab GGUF with every key, non-block tensors): checkpoint ones from the torch model, the
+    generated ones (e.g. rope_freqs.weight) from llama.cpp's converter; names checked against it."""
+    folder = converter_outputs(src.hf_dir, src.fingerprint, cache_dir)
+    listing = json.loads((folder / "tensors.json").read_text())
+    with np.load(folder / "generated.npz") as z:
+        generated = [(k, z[k]) for k in listing["generated"]]
+    tensors = list(hf_tensors(src)) + generated
+    blocks = [f"blk.{i}.{s.gguf}.weight" for i in range(src.n_layer) for s in LINEARS]
+    check_tensor_names([n for n, _ in tensors] + blocks, listing["names"], src.hf_dir.name)
+    return folder / "vocab.gguf", tensors

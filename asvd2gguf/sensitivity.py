@@ -29,12 +29,19 @@ def tail_curves(f: Factorization, gx: torch.Tensor, gg: torch.Tensor | None) -> 
     `error` is the plain output error 0.5 ||dW X||^2 / T (U^T U = I leaves only a diagonal);
     `fisher` weighs it by the output-gradient Gram. The p x p products run in float32 (they
     dominate the analysis time on CPU); the tail sums accumulate in float64.
+
+    `weight` is 0.5 sum_{i>=r} s_i^2 ||u_i||^2 ||vt_i||^2, the weight's own truncation error
+    ||dW||_F^2 / 2 (exact when U or V is orthonormal, its diagonal part for kfac). It is no loss
+    estimate but it falls with rank for every direction of a non-zero weight, also for those the
+    calibration never excited: past the rank of X^T X (fewer tokens than input channels) the
+    whitened curves are exactly 0 and only this one still orders the directions (tie-break).
     """
     s = f.s.double()
     dt = torch.float32
     vt = f.Vt.to(dt)
     t2 = (vt @ gx.to(dt) @ vt.T).double()
-    out = {"error": _tail(torch.diag(s * s * t2.diagonal()))}
+    norms = f.U.double().norm(dim=0) ** 2 * f.Vt.double().norm(dim=1) ** 2
+    out = {"error": _tail(torch.diag(s * s * t2.diagonal())), "weight": _tail(torch.diag(s * s * norms))}
     if gg is not None:
         u = f.U.to(dt)
         t1 = (u.T @ (gg.to(dt) @ u)).double()

