@@ -34,13 +34,16 @@ FILES=(
 declare -A SYMBOL=(
   [ggml/src/ggml-cuda/convert.cu]="dequantize_nf4"
   [ggml/src/ggml-cuda/getrows.cu]="dequantize_nf4"
-  [ggml/src/ggml-cuda/mmvq.cu]="(ggml_type)43"
+  [ggml/src/ggml-cuda/mmvq.cu]="(ggml_type)NF4_ID"  # NF4_ID: GGML_TYPE_NF4 as the tree's ggml.h numbers it
   [ggml/src/ggml-cuda/ggml-cuda.cu]="ggml_cuda_op_lowrank_attn"
   [ggml/src/ggml-cuda/lowrank-attn.cu]="lowrank_attn_partial"
 )
 
 SRC=${1:?usage: check_cuda.sh PATCHED_LLAMA_SRC}
 SRC=$(cd "$SRC" && pwd)
+NF4_ID=$(sed -n 's/^ *GGML_TYPE_NF4 *= *\([0-9]*\),.*/\1/p' "$SRC/ggml/include/ggml.h")
+[ -n "$NF4_ID" ] || { echo "FAIL: no GGML_TYPE_NF4 in $SRC/ggml/include/ggml.h (patch 0004 not applied?)"; exit 1; }
+SYMBOL[ggml/src/ggml-cuda/mmvq.cu]="(ggml_type)$NF4_ID"
 ARCH=${CUDA_ARCH:-90}
 CACHE=${ASVD2GGUF_CACHE:-$HOME/.cache/asvd2gguf}
 for f in "${FILES[@]}"; do
