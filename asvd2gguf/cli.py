@@ -50,8 +50,11 @@ def convert(
                                        "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
     out: Optional[Path] = typer.Option(None, help="Output .gguf (default: derived from model and options)."),
     force: bool = typer.Option(D.force, help="Overwrite an existing output."),
-    calib: Optional[str] = typer.Option(None, help="Calibration text file, or 'selfgen' (default: "
-                                        "../shared/data/wikitext-2/wiki.valid.tokens if present, else selfgen)."),
+    calib: Optional[str] = typer.Option(None, help="chat | wiki | selfgen | a text file | FILE.jsonl of "
+                                        "conversations ({\"messages\": [...]} per line). Default: chat for a model "
+                                        "with a chat template (3/4 self-generated conversations through the "
+                                        "template, 1/4 plain text), else wiki (../shared/data/wikitext-2/"
+                                        "wiki.valid.tokens) if present, else selfgen."),
     calib_samples: int = typer.Option(D.calib_samples, help="Calibration windows."),
     calib_seqlen: int = typer.Option(D.calib_seqlen, help="Tokens per calibration window."),
     seed: int = typer.Option(D.seed, help="Seed for calibration windows."),
@@ -201,22 +204,37 @@ def build_llama(
 
 @app.command("eval")
 def eval_cmd(
-    file: Path = typer.Argument(..., help="GGUF to evaluate with the patched llama-perplexity."),
-    text: Path = typer.Option(..., help="Plain-text file."),
+    file: Path = typer.Argument(..., help="GGUF to evaluate with the patched llama.cpp."),
+    text: Optional[Path] = typer.Option(None, help="Plain-text file: llama-perplexity (and KLD against --base)."),
     ctx: int = typer.Option(512),
     chunks: Optional[int] = typer.Option(None),
-    base: Optional[Path] = typer.Option(None, help="Base GGUF: also report KL divergence against its logits."),
+    base: Optional[str] = typer.Option(None, help="The original: with --text a GGUF whose logits give the KL "
+                                       "divergence; with --chat a GGUF, 'smollm2' or a Hugging Face folder."),
+    chat: bool = typer.Option(False, help="Chat evaluation: KLD against --base on held-out conversations "
+                              "through the chat template, and the question set's score of FILE (and of --base)."),
     threads: int = typer.Option(2),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for the original's conversations and logits."),
 ):
-    """llama.cpp perplexity of FILE (and KL divergence against --base)."""
-    from .llamacpp import perplexity
-
-    for p in (file, text) + ((base,) if base else ()):
+    """llama.cpp perplexity of FILE (and KL divergence against --base), or with --chat its chat scores."""
+    if text is None and not chat:
+        fail("give --text FILE (perplexity) or --chat (chat KLD and question score)")
+    for p in (file,) + ((text,) if text else ()):
         if not p.is_file():
             fail(f"file not found: {p}")
-    res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=base)
-    for k, v in res.items():
-        out_console.print(f"{k} = {v}", highlight=False)
+    if text is not None:
+        from .llamacpp import perplexity
+
+        if base and not Path(base).is_file():
+            fail(f"file not found: {base}")
+        res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=Path(base) if base else None)
+        for k, v in res.items():
+            out_console.print(f"{k} = {v}", highlight=False)
+    if chat:
+        from .chateval import evaluate_chat
+
+        with progress_bar() as p:
+            for k, v in evaluate_chat(file, base, cache_dir, ctx=ctx, chunks=chunks, threads=threads, progress=p):
+                out_console.print(f"{k} = {v}", highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
@@ -230,7 +248,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 def main() -> None:
     warnings.showwarning = _show_warning
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) a typer.Exit's code here
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except UserError as e:
         fail_line = str(e).splitlines()[0] if str(e) else "unknown error"
         console.print(f"[bold red]error:[/] {fail_line}", highlight=False, soft_wrap=True)

@@ -23,6 +23,7 @@ from .analysis import AnalysisStore, LinearInfo, kept_rank
 from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
 from .blocks import BlockRunner, resolve_device
 from .calibrate import LayerStats, collect
+from .chat import calibration_tokens
 from .config import DEFAULT_RATIO, ConvertConfig
 from .decompose import METHODS, SCALINGS
 from .errors import UserError
@@ -32,7 +33,7 @@ from .quantize import SIGMA_SPLITS, QuantPlan, encode, quantize_blocks
 from .quantize import plan as quant_plan
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
-from .text import calibration_windows, default_calibration, tokens_digest
+from .text import tokens_digest
 
 
 @dataclass
@@ -345,11 +346,10 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
     out = cfg.out or default_out(cfg, src.name)
     check_out(out, cfg.force)
     clean_stale_partials(out)
-    calib_spec = cfg.calib or default_calibration()
     runner = BlockRunner(src.model, device, mapped=mapped)
-    tokens = calibration_windows(src.tokenizer, calib_spec, cfg.calib_samples, cfg.calib_seqlen, cfg.seed, src.model)
-
-    st.done(f"calibration windows: {tokens.shape[0]} x {tokens.shape[1]} tokens from {Path(calib_spec).name}")
+    tokens, calib_desc = calibration_tokens(src, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
+                                            cfg.cache_dir)
+    st.done(f"calibration windows: {tokens.shape[0]} x {tokens.shape[1]} tokens from {calib_desc}")
     store = analyse(src, runner, tokens, cfg, progress)
     infos = [store.info(i, s.key) for i in range(src.n_layer) for s in LINEARS]
     st.done(f"statistics, {cfg.method} factorizations and sensitivity curves (cache {store.root})")
@@ -394,7 +394,7 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
     achieved = sum(p for p, _ in kept.values()) / dense_total  # after any dense fallback
     kv_ach = sum(w for (_, k), (_, w) in kept.items() if k in KV_KEYS) / kv_full if latent else 1.0
     rank_table = {k: [ranks[(i, k)] for i in range(src.n_layer)] for k in LINEAR_KEYS}
-    meta = asvd_metadata(cfg, calib_spec, achieved, kv_ach, latent and not cfg.dense, rank_table,
+    meta = asvd_metadata(cfg, calib_desc, achieved, kv_ach, latent and not cfg.dense, rank_table,
                          math.exp(loss) if math.isfinite(loss) else 0.0)
     if cfg.dense:
         meta = {k: v for k, v in meta.items() if not k.startswith("asvd.rank.")}
@@ -469,10 +469,10 @@ def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: 
     return blocks, fallbacks
 
 
-def asvd_metadata(cfg, calib_spec, ratio, kv, latent, rank_table, calib_ppl) -> dict:
+def asvd_metadata(cfg, calib_source: str, ratio, kv, latent, rank_table, calib_ppl) -> dict:
+    """`calib_source`: what the calibration windows were made of (chat.calibration_tokens)."""
     V = gguf.GGUFValueType
-    calib_desc = (f"{Path(calib_spec).name if calib_spec != 'selfgen' else 'selfgen'}, "
-                  f"{cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}")
+    calib_desc = f"{calib_source}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"
     meta = {
         "asvd.format_version": (FORMAT_VERSION, V.UINT32),
         "asvd.method": (cfg.method, V.STRING),

@@ -18,13 +18,27 @@ from .placement import execution_device
 SHARED_CALIB = Path("..") / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 
 
-def default_calibration() -> str:
-    """wiki.valid.tokens beside the checkout when present, else text sampled from the model."""
+def _wiki() -> Path | None:
     for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
         p = (base / SHARED_CALIB).resolve()
         if p.is_file():
-            return str(p)
-    return "selfgen"
+            return p
+    return None
+
+
+def default_calibration() -> str:
+    """Plain-text calibration: wiki.valid.tokens beside the checkout when present, else text
+    sampled from the model. (A model with a chat template defaults to chat.py's mix instead.)"""
+    p = _wiki()
+    return str(p) if p is not None else "selfgen"
+
+
+def wiki_calibration() -> str:
+    """`--calib wiki`: wiki.valid.tokens beside the checkout; UserError when it is not there."""
+    p = _wiki()
+    if p is None:
+        raise UserError(f"--calib wiki: {SHARED_CALIB} not found beside the checkout or the working folder")
+    return str(p)
 
 
 def read_text(path: Path) -> str:

@@ -41,6 +41,7 @@ def _tiny_args(tiny_models, calib_text, cache_dir, out, *extra):
     (["convert", "smollm2", "--ratio", "0.9", "--ppl-target", "30"], "either --ratio or --ppl-target"),
     (["convert", "smollm2", "--kv", "0"], "--kv must be in (0, 1]"),
     (["convert", "smollm2", "--method", "magic"], "unknown --method"),
+    (["ppl", "smollm2", "--text", "x.txt", "--ctx", "1"], "--ctx must be at least 2"),  # fail() inside a command
     (["inspect", "/nonexistent.gguf"], "GGUF file not found"),
     (["ppl", "/nonexistent.gguf", "--text", "/nonexistent.txt"], "not found"),
 ])
