@@ -8,10 +8,16 @@ With `mapped=True` (convert --device-map) accelerate has already placed every mo
 CPU or disk, with its hooks): nothing is moved here, each block runs on the execution device
 its hooks give it, and a truncated trial block is made by swapping linears inside the placed
 block for the duration of one step (a copy would carry hooks bound to the original).
+
+Each block gets what the model's own forward would give it: the RoPE tables of its layer type
+(Gemma 3: local and global layers have their own bases) and, for a sliding-window layer whose
+window is shorter than the sequence, transformers' own sliding-window causal mask; every other
+block runs with no mask, i.e. sdpa's causal attention.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -43,7 +49,14 @@ class BlockRunner:
         self.device = device
         self.micro_batch = micro_batch
         self.mapped = mapped
-        self._pe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pe: dict[tuple[int, str | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[int, torch.Tensor | None] = {}
+        config = model.config
+        types = getattr(config, "layer_types", None)  # "sliding_attention" / "full_attention" per layer
+        self.layer_types: list[str | None] = list(types) if types else [None] * len(self.layers)
+        # rotary modules with one table per layer type take the type (Gemma3RotaryEmbedding.forward)
+        self._typed_rope = "layer_type" in inspect.signature(self.inner.rotary_emb.forward).parameters
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
 
     def device_of(self, module) -> torch.device:
         """Where `module` computes: the compute device, or under a device map its execution device."""
@@ -64,22 +77,45 @@ class BlockRunner:
         finally:
             module.to("cpu")
 
-    def position_embeddings(self, seqlen: int):
-        if seqlen not in self._pe:
+    def position_embeddings(self, seqlen: int, layer_type: str | None = None):
+        """(cos, sin) for positions 0..seqlen-1, each (1, seqlen, head_dim), of one layer type."""
+        if (seqlen, layer_type) not in self._pe:
             dev = self.device_of(self.inner.rotary_emb)
+            kw = {} if layer_type is None else {"layer_type": layer_type}
             with self.on_device(self.inner.rotary_emb) as rot:
                 dummy = torch.zeros(1, seqlen, 1, device=dev)
                 pos = torch.arange(seqlen, device=dev)[None]
-                self._pe[seqlen] = tuple(t for t in rot(dummy, pos))
-        return self._pe[seqlen]
+                self._pe[(seqlen, layer_type)] = tuple(t for t in rot(dummy, pos, **kw))
+        return self._pe[(seqlen, layer_type)]
 
     def block_position_embeddings(self, i: int, seqlen: int):
-        """RoPE tables on block i's device (under a map the rotary module may sit elsewhere)."""
-        pe = self.position_embeddings(seqlen)
+        """RoPE tables of block i's layer type on its device (under a map the rotary module may sit elsewhere)."""
+        pe = self.position_embeddings(seqlen, self.layer_types[i] if self._typed_rope else None)
         if not self.mapped:
             return pe
         dev = self.block_device(i)
         return tuple(t.to(dev) for t in pe)
+
+    def sliding_mask(self, seqlen: int) -> torch.Tensor | None:
+        """transformers' sliding-window causal mask, (1, 1, seqlen, seqlen) bool, or None when the
+        window covers the whole sequence (key j is hidden from query i when i - j >= window)."""
+        if not self.sliding_window or seqlen <= self.sliding_window:
+            return None
+        if seqlen not in self._masks:
+            from transformers.masking_utils import create_sliding_window_causal_mask
+
+            embeds = torch.zeros(1, seqlen, 1)
+            self._masks[seqlen] = create_sliding_window_causal_mask(
+                config=self.model.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                position_ids=torch.arange(seqlen)[None])
+        return self._masks[seqlen]
+
+    def block_inputs(self, i: int, seqlen: int) -> dict:
+        """Keyword arguments of block i's forward besides the hidden states (RoPE tables, mask)."""
+        mask = self.sliding_mask(seqlen) if self.layer_types[i] == "sliding_attention" else None
+        if mask is not None:
+            mask = mask.to(self.block_device(i))
+        return {"attention_mask": mask, "position_embeddings": self.block_position_embeddings(i, seqlen)}
 
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,13 +132,13 @@ class BlockRunner:
     def run_block(self, i: int, hidden: torch.Tensor, layer=None) -> torch.Tensor:
         """Hidden states after block i; `layer` overrides the model's block (a truncated copy)."""
         layer = self.layers[i] if layer is None else layer
-        pe = self.block_position_embeddings(i, hidden.shape[1])
+        inputs = self.block_inputs(i, hidden.shape[1])
         dev = self.block_device(i)
         out = torch.empty_like(hidden)
         with self.on_device(layer):
             for sl in self._slices(hidden.shape[0]):
                 h = hidden[sl].to(dev)
-                out[sl] = layer(h, attention_mask=None, position_embeddings=pe).to("cpu")
+                out[sl] = layer(h, **inputs).to("cpu")
         return out
 
     @contextmanager
@@ -132,7 +168,12 @@ class BlockRunner:
                 set_module(layer, SPEC[key].module, old)
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.inner.norm(h))
+        """Logits from final hidden states, with the model's final-logit soft-capping (Gemma) if any."""
+        logits = self.model.lm_head(self.inner.norm(h))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @torch.no_grad()
     def loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

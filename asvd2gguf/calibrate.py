@@ -112,7 +112,6 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")
                 (g,) = torch.autograd.grad(loss, h)
             grad[sl] = g.cpu()
-    pe_cache = None
     for i in reversed(range(len(runner.layers))):
         layer = runner.layers[i]
         acc: dict[str, torch.Tensor] = {}
@@ -129,14 +128,14 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
 
         handles = [get_module(layer, s.module).register_forward_hook(out_hook(s.key)) for s in LINEARS]
         new_grad = torch.empty_like(grad)
-        pe_cache = runner.block_position_embeddings(i, tokens.shape[1])
+        inputs = runner.block_inputs(i, tokens.shape[1])
         dev = runner.block_device(i)
         try:
             with runner.on_device(layer):
                 for sl in runner._slices(tokens.shape[0]):
                     h = hidden[i][sl].to(dev).requires_grad_(True)
                     with torch.enable_grad():
-                        out = layer(h, attention_mask=None, position_embeddings=pe_cache)
+                        out = layer(h, **inputs)
                         (gi,) = torch.autograd.grad(out, h, grad_outputs=grad[sl].to(out.device))
                     new_grad[sl] = gi.cpu()
         finally:

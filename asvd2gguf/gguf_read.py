@@ -13,12 +13,13 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, get_module, set_module, unpermute_rows_for_llama
+from .arch import LINEARS, arch_spec, get_module, set_module, unpermute_rows_for_llama
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
+from .hparams import config_from_gguf
 from .lowrank import LowRankLinear
 from .quants import dequantize
-from .rope import check_rope_freqs, gguf_rope_parameters, set_rope_parameters
+from .rope import check_rope_freqs
 
 
 def open_gguf(path: Path) -> FastGGUFReader:
@@ -97,8 +98,8 @@ def describe_gguf(path: Path) -> FactoredInfo:
 
 
 def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokenizer: bool = True):
-    """(model, tokenizer) from a GGUF this project wrote, or any llama/qwen2/qwen3 GGUF."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, info) from a GGUF this project wrote, or any GGUF of a supported architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .source import _quiet_transformers
 
@@ -106,18 +107,8 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     path = Path(path).resolve()
     reader = open_gguf(path)
     info = describe_gguf(path)
-    if info.arch not in ("llama", "qwen2", "qwen3"):
-        raise UserError(f"unsupported architecture '{info.arch}' in {path.name}; supported: llama, qwen2, qwen3")
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as e:
-        raise UserError(f"cannot read the model configuration of {path.name}: {str(e).splitlines()[0]}") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    head_dim = field_value(reader, f"{info.arch}.attention.key_length")
-    if head_dim is not None:  # transformers' GGUF config mapping drops it (qwen3 then defaults to 128)
-        config.head_dim = int(head_dim)
-    set_rope_parameters(config, gguf_rope_parameters(reader))  # transformers' GGUF mapping drops rope scaling
+    spec = arch_spec(info.arch, path.name)
+    config = config_from_gguf(path, reader)
     tensors = {t.name: t for t in reader.tensors}
     config.tie_word_embeddings = "output.weight" not in tensors
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -125,10 +116,11 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == info.arch)
     nmap = gguf.get_tensor_name_map(arch_enum, info.n_layer)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    norms = spec.norm_weight_names(info.n_layer)
 
     def load(name: str, key: str | None = None) -> torch.Tensor:
         arr = tensor_array(tensors[name])
-        if info.arch == "llama" and key in heads and not name.endswith(".lr_in.weight"):
+        if spec.permute_qk and key in heads and not name.endswith(".lr_in.weight"):
             arr = unpermute_rows_for_llama(arr, heads[key])
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
@@ -155,7 +147,8 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
             if g is None or g not in tensors:
                 raise UserError(f"{path.name} has no tensor for {hf_name} (expected {g})")
             key = next((s.key for s in LINEARS if g.endswith(f".{s.gguf}.bias")), None)
-            prm.copy_(load(g, key if key in heads else None).reshape(prm.shape))
+            value = load(g, key if key in heads else None).reshape(prm.shape)
+            prm.copy_(value - spec.norm_shift if hf_name in norms else value)
     if config.tie_word_embeddings:
         model.tie_weights()
     for p in model.parameters():

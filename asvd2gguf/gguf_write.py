@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .quants import Quantized, dequantize
@@ -116,10 +116,11 @@ def write_gguf(
         writer.add_tensor(name, data, raw_dtype=raw)
 
     task = progress.add_task("writing", total=n_layer) if progress else None
+    permute_qk = arch_spec(arch).permute_qk
     for i in range(n_layer):
         for bt in blocks(i):
             base = f"blk.{i}.{bt.key}"
-            permute = arch == "llama" and bt.key in ("attn_q", "attn_k")
+            permute = permute_qk and bt.key in ("attn_q", "attn_k")
             heads = n_head if bt.key == "attn_q" else n_head_kv
             if bt.weight is not None:
                 w = _permuted(bt.weight, heads) if permute else bt.weight

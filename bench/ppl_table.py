@@ -1,4 +1,4 @@
-"""Perplexity table on SmolLM2 under the project protocol.
+"""Perplexity table on SmolLM2 (or --model gemma3-270m, any MODEL) under the project protocol.
 
 Calibration: wiki.valid.tokens, SAMPLES x SEQLEN tokens, seed 233. Evaluation: the first 40
 non-overlapping 512-token windows of wiki.test.raw, mean loss over all positions (torch).
@@ -37,6 +37,7 @@ def parse_row(row: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", required=True, help="method:ratio[:kvK][:--opt=value]")
+    ap.add_argument("--model", default="smollm2", help="MODEL as convert takes it (embedded name, file, folder)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=40)
@@ -52,14 +53,14 @@ def main() -> None:
     from asvd2gguf.text import eval_windows
 
     cache = args.cache_dir or Path.home() / ".cache" / "asvd2gguf"
-    tok = load_source("smollm2", cache).tokenizer
+    tok = load_source(args.model, cache).tokenizer
     windows = eval_windows(tok, WIKI / "wiki.test.raw", 512, args.chunks)
     rows = []
     for spec in args.rows:
         r = parse_row(spec)
         name = f"{r['method']}-r{r['ratio']}" + (f"-kv{r['kv']}" if r["kv"] else "") + "".join(r["extra"])
         out = args.out_dir / f"{name.replace('--', '_')}.gguf"
-        cmd = [sys.executable, "-m", "asvd2gguf.cli", "convert", "smollm2", "--ratio", str(r["ratio"]),
+        cmd = [sys.executable, "-m", "asvd2gguf.cli", "convert", args.model, "--ratio", str(r["ratio"]),
                "--method", r["method"], "--calib", str(WIKI / "wiki.valid.tokens"),
                "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--seed", "233",
                "--out", str(out), "--force", "--cache-dir", str(cache), *r["extra"]]

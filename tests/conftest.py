@@ -27,7 +27,7 @@ WORDS = ("the of and to in is was for on as with by he at from his an were are w
 
 
 def tiny_config(arch: str):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -38,6 +38,14 @@ def tiny_config(arch: str):
         return Qwen2Config(**common)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=64)
+    if arch == "gemma3":
+        # Gemma 3 270M's shape in small: one KV head, 6 layers = 5 sliding-window + 1 global (llama.cpp's
+        # default pattern), a 16-token window so that 64-token windows cross it, its own local RoPE base;
+        # query_pre_attn_scalar = head_dim as llama.cpp derives it for every size but 27B
+        common.update(num_hidden_layers=6, num_key_value_heads=1, rms_norm_eps=1e-6, pad_token_id=None)
+        return Gemma3TextConfig(**common, head_dim=64, query_pre_attn_scalar=64, sliding_window=16,
+                                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     raise ValueError(arch)
 
 
@@ -83,6 +91,8 @@ def make_tiny(arch: str, folder: Path, tokenizer_dir: Path, seed: int = 0) -> Pa
                 p.mul_(3.0)
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            if arch == "gemma3" and name.endswith("norm.weight"):  # (1 + w) norms start at w = 0: make w visible
+                p.normal_(0, 0.2)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     shutil.copy(tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")  # what llama.cpp's converter reads
