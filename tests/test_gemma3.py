@@ -327,7 +327,8 @@ def gemma3_270m(tmp_path_factory):
     if not (WIKI / "wiki.valid.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 is not present")
     out = tmp_path_factory.mktemp("g3real") / "g3.gguf"
-    res = convert(ConvertConfig(model="gemma3-270m", out=out, ratio=0.9, kv=0.5,
+    # hybrid: kfac for k/v; asvd's scaling at --kv 0.5 is catastrophic on this model (docs/results.md)
+    res = convert(ConvertConfig(model="gemma3-270m", out=out, ratio=0.9, kv=0.5, method="hybrid",
                                 calib=str(WIKI / "wiki.valid.tokens"), calib_samples=2, calib_seqlen=128,
                                 device="cpu"))
     return out, res
