@@ -193,10 +193,13 @@ def test_llama_bench_depth_state_smollm2(bins, tmp_path):
     latent = fx.write_factored(fx.smollm2_path(), tmp_path / "smol-kv.gguf", rank=lambda b, il, s: 64,
                                linears=("attn_k", "attn_v"), kv_latent=True, outtype="f16")
     res = subprocess.run([str(bins / "llama-bench"), "-m", str(fx.smollm2_path()), "-m", str(latent), "-p", "0",
-                          "-n", "4", "-d", "512", "-r", "2", "-t", "2", "-o", "csv"], capture_output=True, text=True,
-                         timeout=900)
+                          "-n", "4", "-d", "512", "-r", "2", "-t", "2", "-o", "csv", "--progress", "-v"],
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "failed to restore" in res.stderr or "rows are" in res.stderr  # refused, then the depth re-run
+    assert len(res.stdout.strip().splitlines()) == 3, res.stdout  # header + one row per model
+    # llama-bench logs only with -v; the stock model's cached state is refused by name, then re-run
+    assert "rows are" in res.stderr, res.stderr[-2000:]
+    assert "benchmark 2/2: depth run 1/2\n" in res.stderr, res.stderr[-2000:]
 
 
 PROMPT = ("-p", "Once upon a time there was a", "-n", "8", "-c", "256")
