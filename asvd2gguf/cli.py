@@ -189,7 +189,8 @@ def build_llama(
     from . import llamacpp
 
     if python and (cuda or tests):
-        fail("--python builds the CPU wheel alone: leave out --cuda and --tests")
+        # a UserError: main() prints it as one line and exits with status 1
+        raise UserError("--python builds the CPU wheel alone: leave out --cuda and --tests")
     if dry_run:
         def say(line: str) -> None:
             out_console.print(line, highlight=False, soft_wrap=True, markup=False)

@@ -85,3 +85,12 @@ def test_convert_tiny_model(installed, tiny_models, calib_text, tmp_path):
     assert f"wrote {out}" in res.stdout
     info = _run([bin_dir / "asvd2gguf", "inspect", out], work).stdout
     assert "block-linear ratio (from tensors) = 0.7" in info
+
+
+def test_build_llama_python_refuses_cuda_and_tests(capsys):
+    from clitools import run_cli
+
+    for flag in ("--cuda", "--tests"):
+        code, _, err = run_cli(["build-llama", "--python", flag], capsys)
+        assert code == 1 and "error:" in err and "--python builds the CPU wheel alone" in err
+        assert len(err.strip().splitlines()) == 1
