@@ -500,6 +500,21 @@ def parse_perplexity(out: str) -> dict:
     return res
 
 
+def kv_cache_mib(model: Path, ctx: int = 8192, env: dict | None = None, extra: Sequence[str] = (),
+                 threads: int = 2, bins: Path | None = None) -> float:
+    """KV cache MiB that llama.cpp allocates for `model` at n_ctx `ctx` (one sequence), as its own
+    log reports it (llama-completion generating one token, -lv 4). `env` e.g. {"ASVD_LATENT_KV": "0"}
+    for the dense cache of a latent file; `extra` e.g. ["-ctk", "q8_0"]. Raises UserError when the
+    tool fails or logs no size."""
+    exe = Path(bins) / "llama-completion" if bins else binary("llama-completion")
+    cmd = [str(exe), "-m", str(model), "-c", str(ctx), "-n", "1", "-p", "Hello", "-no-cnv", "-t", str(threads),
+           "--no-warmup", "-lv", "4", *extra]
+    res = parse_perplexity(_run_tool(cmd, env=dict(os.environ, **(env or {}))))
+    if "kv_mib" not in res:
+        raise UserError(f"llama-completion logged no KV cache size for {Path(model).name}")
+    return res["kv_mib"]
+
+
 def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | None, threads: int,
                     extra: Iterable[str]) -> Path:
     """Base-model logits for --kl-divergence, computed once and cached by their inputs."""

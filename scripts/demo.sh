@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: install, compress SmolLM2-135M with --ratio 0.9 --kv 0.5,
-# and print the torch perplexity before and after (wiki.test.raw, first 40 x 512 tokens).
+# The main job on the embedded default, end to end: install, compress SmolLM2-135M with
+# --ratio 0.9 --kv 0.5, print the torch perplexity before and after (wiki.test.raw, first 40 x 512
+# tokens), build the patched llama.cpp, and run the original and the compressed file in it side by
+# side: a short greedy chat answer of each, llama-perplexity (20 x 512 tokens) and the KV cache MiB
+# at n_ctx 8192.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,13 +11,24 @@ WIKI=../shared/data/wikitext-2
 OUT=${OUT:-smollm2-hybrid-r0.9-kv0.5.gguf}
 CALIB=(--calib-samples 8 --calib-seqlen 256)   # the acceptance protocol's calibration: fast on 2 cores
 if [ -f "$WIKI/wiki.valid.tokens" ]; then CALIB+=(--calib "$WIKI/wiki.valid.tokens"); else CALIB+=(--calib selfgen); fi
+stage() { echo; echo "== $1 ($(date +%H:%M:%S), ${SECONDS} s so far)"; }
+stage "compressing SmolLM2-135M-Instruct: --ratio 0.9 --kv 0.5 --method hybrid"
 # hybrid = kfac for k/v, whitening elsewhere: 39.2 at this setting (docs/results.md); asvd is the paper's
 asvd2gguf convert smollm2 --ratio 0.9 --kv 0.5 --method hybrid "${CALIB[@]}" --out "$OUT" --force
 asvd2gguf inspect "$OUT" | tail -n 20
 if [ -f "$WIKI/wiki.test.raw" ]; then
+  stage "torch perplexity, wiki.test.raw, 40 x 512 tokens"
   echo "perplexity before (original, dequantized to float):"
   asvd2gguf ppl smollm2 --text "$WIKI/wiki.test.raw" --chunks 40 | tail -n 1
   echo "perplexity after ($OUT):"
   asvd2gguf ppl "$OUT" --text "$WIKI/wiki.test.raw" --chunks 40 | tail -n 1
 fi
+stage "building the patched llama.cpp: the first build takes about 10-15 minutes on 2 cores, later runs reuse it"
+asvd2gguf build-llama
+ORIG=$(python3 -c "from asvd2gguf.source import embedded_path; print(embedded_path('smollm2'))")
+stage "the original and the compressed file in llama.cpp"
+TEXT=()
+if [ -f "$WIKI/wiki.test.raw" ]; then TEXT=(--text "$WIKI/wiki.test.raw" --chunks 20); fi
+python3 scripts/side_by_side.py "$ORIG" "$OUT" "${TEXT[@]}"
+stage "done"
 echo "result: $OUT"
