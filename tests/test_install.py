@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,13 +30,25 @@ def _run(cmd: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
     return res
 
 
+def _source_copy(dest: Path) -> Path:
+    """What a source release holds, copied out of the checkout: building in place would leave
+    build/ and *.egg-info in the working tree."""
+    for name in ("pyproject.toml", "README.md"):
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    for name in ("asvd2gguf", "patches", "ggml_ops"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(venv bin folder, a work folder outside the checkout) with this checkout's wheel installed."""
     root = tmp_path_factory.mktemp("install")
     dist = root / "dist"
     # --no-build-isolation: the build backend (setuptools) from the running environment, offline
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, ROOT], root)
+    src = _source_copy(root / "src")
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, src], root)
     wheels = list(dist.glob("asvd2gguf-*.whl"))
     assert len(wheels) == 1
     env_dir = root / "venv"
@@ -94,3 +107,28 @@ def test_build_llama_python_refuses_cuda_and_tests(capsys):
         code, _, err = run_cli(["build-llama", "--python", flag], capsys)
         assert code == 1 and "error:" in err and "--python builds the CPU wheel alone" in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_sdist_wheel_ships_the_same_files(tmp_path):
+    """The route of a source release (sdist, then a wheel built from it) ships every file of
+    patches/ and ggml_ops/ too, byte for byte."""
+    import tarfile
+    import zipfile
+
+    sdist_dir, wheel_dir = tmp_path / "sdist", tmp_path / "wheel"
+    src = _source_copy(tmp_path / "src")
+    _run([sys.executable, "-c", f"from setuptools import build_meta as b; b.build_sdist({str(sdist_dir)!r})"], src)
+    sdists = list(sdist_dir.glob("asvd2gguf-*.tar.gz"))
+    assert len(sdists) == 1
+    with tarfile.open(sdists[0]) as tf:
+        names = tf.getnames()
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheel_dir, sdists[0]],
+         tmp_path)
+    with zipfile.ZipFile(next(wheel_dir.glob("asvd2gguf-*.whl"))) as zf:
+        shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith(("asvd2gguf/patches/", "asvd2gguf/ggml_ops/"))}
+    for folder in ("patches", "ggml_ops"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(ROOT).as_posix()
+                assert any(n.endswith("/" + rel) for n in names), rel
+                assert shipped[f"asvd2gguf/{rel}"] == path.read_bytes(), rel
