@@ -1,14 +1,15 @@
 """Load on llama-server: N chat requests over P slots, latent KV cache vs dense cache (docs/runtime.md).
 
-For each row a server is started on 127.0.0.1 (-np P, -c P x --slot-ctx, unified cache, -t 2),
-then --requests chat completions with mixed prompt lengths (excerpts of wiki.test.raw of about
-32, 128, 512 and 1024 tokens, in a fixed shuffled order) are sent --concurrency at a time, so
-that new requests arrive while others decode (continuous batching). Each request asks for
---max-tokens tokens, greedy, ignore_eos (every response has the same length). Checked: every
-response is HTTP 200, finish_reason "length" and exactly --max-tokens tokens; a failure stops
-the run with a non-zero exit. Printed: a table of wall time, requests/s, generated tokens/s,
-prompt tokens/s (from the responses' own timings, summed), and the KV cache MiB the server
-allocated (from its log).
+For each row a server is started on 127.0.0.1 (-np P, -c P x --slot-ctx, -t 2; one KV stream
+shared by the slots, or with --no-kv-unified one per slot), then --requests chat completions with
+mixed prompt lengths (excerpts of wiki.test.raw of about 32, 128, 512 and 1024 tokens, in a fixed
+shuffled order) are sent --concurrency at a time, so that new requests arrive while others
+decode (continuous batching). Each request asks for --max-tokens tokens, greedy, ignore_eos
+(every response has the same length). Checked: every response is HTTP 200, finish_reason
+"length" and exactly --max-tokens tokens; a failure stops the run with a non-zero exit.
+Printed: a table of wall time, requests/s, generated tokens/s, prompt tokens/s, the KV cache
+MiB the server allocated (from its log) and the server's CPU seconds (user + system: on a
+shared machine a steadier measure of the work than wall time).
 
     python bench/server_load.py FILE.gguf [--base ORIGINAL.gguf] [--requests 64] [--parallel 4]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -49,8 +51,9 @@ def prompts(text: str, n: int, seed: int) -> list[str]:
 
 
 def run_row(label: str, model: Path, env: dict, args: argparse.Namespace, msgs: list[str], log: Path) -> dict:
+    # -lv 4: the KV cache size is logged
     srv_args = ["-t", str(args.threads), "-np", str(args.parallel), "-c", str(args.parallel * args.slot_ctx),
-                "-kvu", "-fa", "on", "--no-warmup", "-lv", "4"]  # -lv 4: KV cache size in the log
+                "-kvu" if args.kv_unified else "-no-kvu", "-fa", "on", "--no-warmup", "-lv", "4"]
     deadline = time.time() + args.timeout_s
 
     def one(client: httpx.Client, msg: str) -> dict:
@@ -80,11 +83,19 @@ def run_row(label: str, model: Path, env: dict, args: argparse.Namespace, msgs: 
             # which ends the ones in flight
             pool.shutdown(wait=False, cancel_futures=True)
         kv = srv.kv_mib()
+        cpu = _cpu_seconds(srv.proc.pid)
     n_gen = sum(r["usage"]["completion_tokens"] for r in results)
     n_prompt = sum(r["usage"]["prompt_tokens"] for r in results)
     return {"row": label, "requests": len(results), "wall_s": round(wall, 1), "req_s": round(len(results) / wall, 3),
             "gen_tok_s": round(n_gen / wall, 1), "prompt_tok_s": round(n_prompt / wall, 1),
-            "prompt_tokens": n_prompt, "kv_mib": round(kv, 2)}
+            "prompt_tokens": n_prompt, "kv_mib": round(kv, 2), "server_cpu_s": round(cpu, 1)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc): less sensitive than wall time
+    to other work on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None) -> int:
@@ -102,12 +113,16 @@ def main(argv=None) -> int:
     ap.add_argument("--text", type=Path, default=WIKI)
     ap.add_argument("--logs", type=Path, default=Path("/tmp"), help="folder for the server logs")
     ap.add_argument("--jsonl", type=Path, help="append each row as JSON")
+    ap.add_argument("--kv-unified", action=argparse.BooleanOptionalAction, default=True,
+                    help="one KV stream shared by all slots (-kvu, default) or one per slot (-no-kvu)")
+    ap.add_argument("--rows", help="comma-separated subset of latent,dense,original (default: all)")
     args = ap.parse_args(argv)
     text = args.text.read_text() if args.text.is_file() else ("The quick brown fox jumps over the lazy dog. " * 4000)
     msgs = prompts(text, args.requests, args.seed)
     rows = [("latent", args.model, {}), ("dense cache", args.model, {"ASVD_LATENT_KV": "0"})]
     if args.base:
         rows.append(("original", args.base, {}))
+    rows = [r for r in rows if args.rows is None or r[0].split()[0] in args.rows.split(",")]
     out = []
     for label, model, env in rows:
         res = run_row(label, model, env, args, msgs, args.logs / f"server-load-{label.replace(' ', '_')}.log")
@@ -116,13 +131,14 @@ def main(argv=None) -> int:
         if args.jsonl:
             with open(args.jsonl, "a") as fh:
                 fh.write(json.dumps(res) + "\n")
-    print(f"\n{args.requests} requests, {args.parallel} slots, {args.concurrency} in flight, prompts ~"
+    print(f"\n{args.requests} requests, {args.parallel} slots ({'-kvu' if args.kv_unified else '-no-kvu'}), "
+          f"{args.concurrency} in flight, prompts ~"
           f"{'/'.join(map(str, LENGTHS))} tokens, {args.max_tokens} generated each, -t {args.threads}\n")
-    print("| row | KV MiB | wall s | requests/s | generated tok/s | prompt tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| row | KV MiB | wall s | requests/s | generated tok/s | prompt tok/s | server CPU s |")
+    print("|---|---|---|---|---|---|---|")
     for r in out:
-        print(f"| {r['row']} | {r['kv_mib']:.1f} | {r['wall_s']} | {r['req_s']:.2f} | {r['gen_tok_s']} | "
-              f"{r['prompt_tok_s']} |")
+        print(f"| {r['row']} | {r['kv_mib']:.1f} | {r['wall_s']} | {r['req_s']:.3f} | {r['gen_tok_s']} | "
+              f"{r['prompt_tok_s']} | {r['server_cpu_s']} |")
     return 0
 
 
