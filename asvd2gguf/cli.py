@@ -194,13 +194,46 @@ def build_llama(
     tests: bool = typer.Option(False, help="Also build test-backend-ops and test-quantize-fns (separate build)."),
     target: Optional[list[str]] = typer.Option(None, help="Build only this tool (repeatable; default: all of the "
                                                "build's tools)."),
+    python: bool = typer.Option(False, "--python", help="Instead: build a llama-cpp-python 0.3.36 wheel of the "
+                                "same patched tree (CPU); the last line printed is the wheel."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Find the patch series and ggml_ops/ sources and print "
+                                 "what would be built and where; apply and compile nothing."),
 ):
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
-    from .llamacpp import build
+    from . import llamacpp
 
+    if python and (cuda or tests):
+        # a UserError: main() prints it as one line and exits with status 1
+        raise UserError("--python builds the CPU wheel alone: leave out --cuda and --tests")
+    if dry_run:
+        def say(line: str) -> None:
+            out_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+        p = llamacpp.plan(cuda=cuda, prefix=prefix, tests=tests)
+        say(f"llama.cpp {llamacpp.COMMIT} ({llamacpp.SDIST}), {'CUDA' if cuda else 'CPU'} build, key {p.key}")
+        say(f"patches ({llamacpp.PATCH_DIR}):")
+        for patch in p.patches:
+            say(f"  {patch.name}")
+        say(f"ggml_ops ({llamacpp.OPS_DIR}):")
+        for path, dest in p.ops:
+            say(f"  {path.relative_to(llamacpp.OPS_DIR)} -> {dest}/")
+        if python:
+            say("CMAKE_ARGS=" + " ".join(llamacpp.WHEEL_CMAKE_ARGS))
+            state = f"cached: {p.wheel}" if p.wheel else "not built"
+            say(f"wheel: llama-cpp-python 0.3.36 in {p.root / 'python' / 'dist'} ({state})")
+        else:
+            say("cmake " + " ".join(p.cmake))
+            say(f"targets: {' '.join(p.targets)}")
+            say(f"build root: {p.root} ({'built' if p.built else 'not built'})")
+            say(str(p.bin_dir))
+        return
     with progress_bar() as p:
-        bindir = build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests, targets=target or None)
-    out_console.print(str(bindir), highlight=False, soft_wrap=True)  # one line even in a pipe (rich folds at 80)
+        if python:
+            out = llamacpp.build_python(jobs=jobs, prefix=prefix, console=p.console)
+        else:
+            out = llamacpp.build(cuda=cuda, jobs=jobs, prefix=prefix, console=p.console, tests=tests,
+                                 targets=target or None)
+    out_console.print(str(out), highlight=False, soft_wrap=True)  # one line even in a pipe (rich folds at 80)
 
 
 @app.command("eval")

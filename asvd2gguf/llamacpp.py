@@ -19,18 +19,43 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .llama_source import COMMIT, SDIST_SHA256, cache_root, source_tree
+from .llama_source import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PATCH_DIR = REPO_ROOT / "patches"
-OPS_DIR = REPO_ROOT / "ggml_ops"
 
-TARGETS = ("llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix")
+def data_dir(name: str) -> Path:
+    """The folder `name` ("patches" or "ggml_ops") this installation builds from.
+
+    There is one copy of each: the top-level folder of the checkout. A wheel ships it as the
+    data-only subpackage asvd2gguf.<name> (pyproject.toml maps the subpackage to that folder),
+    so an installed package finds it next to this module and a checkout (editable install,
+    PYTHONPATH) finds it one level up; both hold the same files, hence the same build key.
+    """
+    here = Path(__file__).resolve().parent
+    for folder in (here / name, here.parent / name):
+        if folder.is_dir():
+            return folder
+    return here / name  # missing everywhere: _series() names the path in its error
+
+
+PATCH_DIR = data_dir("patches")
+OPS_DIR = data_dir("ggml_ops")
+
+# the tools a build makes (docs/runtime.md): offline tools, the OpenAI-compatible server and the
+# chat CLI (LLAMA_BUILD_SERVER=ON; llama-cli runs on the server's code), and ggml's RPC server
+# (GGML_RPC=ON, which also gives every tool --rpc)
+TOOLS = ("llama-perplexity", "llama-completion", "llama-bench", "llama-quantize", "llama-imatrix")
+SERVER_TOOLS = ("llama-server", "llama-cli")
+RPC_TOOLS = ("ggml-rpc-server",)
+TARGETS = TOOLS + SERVER_TOOLS + RPC_TOOLS
 # extra targets of a build with tests=True (LLAMA_BUILD_TESTS=ON): ggml's op and quantization tests
 TEST_TARGETS = ("test-backend-ops", "test-quantize-fns")
 
@@ -72,6 +97,22 @@ def _series() -> list[Path]:
     return out
 
 
+def _ops_files() -> list[tuple[Path, str]]:
+    """(file of ggml_ops/, its folder in the llama.cpp tree) for every file the build adds."""
+    out: list[tuple[Path, str]] = []
+    if not OPS_DIR.is_dir():
+        return out
+    for path in sorted(OPS_DIR.iterdir()):
+        dest = _OPS_DEST.get(path.suffix)
+        if dest is not None and path.is_file():
+            out.append((path, dest))
+    for sub in _OPS_BACKEND_DIRS:
+        folder = OPS_DIR / sub
+        if folder.is_dir():
+            out += [(p, f"ggml/src/{sub}") for p in sorted(folder.iterdir()) if p.is_file()]
+    return out
+
+
 def _options(cuda: bool, tests: bool = False) -> dict:
     opts = {"cuda": bool(cuda)}
     if cuda:
@@ -82,7 +123,8 @@ def _options(cuda: bool, tests: bool = False) -> dict:
 
 
 def _targets(tests: bool) -> tuple[str, ...]:
-    return TARGETS + (TEST_TARGETS if tests else ())
+    # the tests build is its own root: only what the op tests need, not the server
+    return TOOLS + TEST_TARGETS if tests else TARGETS
 
 
 def build_key(cuda: bool = False, tests: bool = False) -> str:
@@ -102,6 +144,57 @@ def _build_root(cuda: bool, prefix: Path | None, tests: bool = False) -> Path:
     base = Path(prefix) if prefix is not None else cache_root() / "llama.cpp"
     kind = ("cuda" if cuda else "cpu") + ("-tests" if tests else "")
     return base / f"{COMMIT}-{kind}-{build_key(cuda, tests)}"
+
+
+def cmake_options(cuda: bool = False, tests: bool = False, ccache: bool = True) -> list[str]:
+    """The -D options of a build (the binaries' and, minus what the sdist forces, the wheel's):
+    no examples, app or network code; the server and RPC on; the UI not fetched (no network at
+    build time: llama-server then serves its API without the web page)."""
+    return ["-DCMAKE_BUILD_TYPE=Release", f"-DLLAMA_BUILD_TESTS={'ON' if tests else 'OFF'}",
+            "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+            "-DLLAMA_BUILD_UI=OFF", "-DGGML_RPC=ON", f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}",
+            f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What build() (or build_python()) would do, found without applying or compiling anything.
+
+    root: the build root (cache key in its name); key: that key; patches: the series in order;
+    ops: (ggml_ops file, folder it goes to in the tree); targets: the cmake targets; bin_dir: where
+    the tools land; built: whether a finished build of this key is already there; wheel: the
+    cached llama-cpp-python wheel of this key, if any.
+    """
+
+    root: Path
+    key: str
+    cuda: bool
+    tests: bool
+    patches: tuple[Path, ...]
+    ops: tuple[tuple[Path, str], ...]
+    targets: tuple[str, ...]
+    cmake: tuple[str, ...]
+    built: bool
+    wheel: Path | None
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "build" / "bin"
+
+
+def plan(cuda: bool = False, prefix: Path | None = None, tests: bool = False,
+         targets: Sequence[str] | None = None) -> BuildPlan:
+    """The build of these options: the patch series and ggml_ops/ files found (raises UserError
+    when patches/series or a patch it names is missing, or on a target the build does not make),
+    its root and targets (default: all of the build's), whether they are built already."""
+    root = _build_root(cuda, prefix, tests)
+    targets = _check_targets(targets, tests)
+    bin_dir = root / "build" / "bin"
+    built = (root / _STAMP).is_file() and all((bin_dir / t).is_file() for t in targets)
+    return BuildPlan(root=root, key=build_key(cuda, tests), cuda=cuda, tests=tests, patches=tuple(_series()),
+                     ops=tuple(_ops_files()), targets=targets, cmake=tuple(cmake_options(cuda, tests)),
+                     built=built, wheel=_cached_wheel(root))
 
 
 @contextlib.contextmanager
@@ -139,17 +232,8 @@ def _prepare_source(root: Path, console) -> Path:
     if git_file.is_file():
         git_file.unlink()
     apply_patches(src, _series(), console)
-    if OPS_DIR.is_dir():
-        for path in sorted(OPS_DIR.iterdir()):
-            dest = _OPS_DEST.get(path.suffix)
-            if dest is None or not path.is_file():
-                continue
-            shutil.copy2(path, src / dest / path.name)
-        for sub in _OPS_BACKEND_DIRS:
-            folder = OPS_DIR / sub
-            if folder.is_dir():
-                for path in sorted(p for p in folder.iterdir() if p.is_file()):
-                    shutil.copy2(path, src / "ggml" / "src" / sub / path.name)
+    for path, dest in _ops_files():
+        shutil.copy2(path, src / dest / path.name)
     stamp.write_text(json.dumps([p.name for p in _series()]))
     return src
 
@@ -177,6 +261,10 @@ def apply_patches(src: Path, patches: Iterable[Path], console=None) -> None:
                                 f"{detail[0] if detail else 'git apply failed'}")
 
 
+# ninja's "[n/N] what": at the start of a line, or indented (pip -v indents a wheel build's output)
+_NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]")
+
+
 def _run_logged(cmd: Sequence[str], log, env: dict, cwd: Path | None = None, progress=None, task=None) -> int:
     """Run cmd, append its output to log, advance a rich progress bar from ninja's [n/N]."""
     log.write(f"$ {' '.join(map(str, cmd))}\n")
@@ -184,10 +272,9 @@ def _run_logged(cmd: Sequence[str], log, env: dict, cwd: Path | None = None, pro
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", bufsize=1)
     assert proc.stdout is not None
-    pat = re.compile(r"^\[(\d+)/(\d+)\]")
     for line in proc.stdout:
         log.write(line)
-        m = pat.match(line)
+        m = _NINJA_STEP.match(line)
         if progress is not None and m:
             progress.update(task, completed=int(m.group(1)), total=int(m.group(2)),
                             description=line[m.end():].strip()[:60] or "building")
@@ -231,12 +318,8 @@ def built(cuda: bool = False, tests: bool = False, targets: Sequence[str] | None
           prefix: Path | None = None) -> Path | None:
     """The bin folder of a finished build with these options and targets, or None; never builds
     (for callers that must not start a long build, e.g. bench/gpu_check.py --dry-run)."""
-    root = _build_root(cuda, prefix, tests)
-    bins = root / "build" / "bin"
-    want = _check_targets(targets, tests)
-    if (root / _STAMP).is_file() and all((bins / t).is_file() for t in want):
-        return bins
-    return None
+    p = plan(cuda, prefix, tests, targets)
+    return p.bin_dir if p.built else None
 
 
 def build_commands(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, tests: bool = False,
@@ -244,18 +327,47 @@ def build_commands(cuda: bool = False, jobs: int | None = None, prefix: Path | N
     """The cmake configure and build command lines that build() runs for these options (the
     source tree is <build root>/src, prepared first; CUDAARCHS in the environment picks the CUDA
     architectures). Raises UserError on an unknown target."""
-    targets = _check_targets(targets, tests)
-    root = _build_root(cuda, prefix, tests)
-    src, build_dir = root / "src", root / "build"
-    ccache = shutil.which("ccache")
-    cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-           f"-DLLAMA_BUILD_TESTS={'ON' if tests else 'OFF'}", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-           "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-           f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}", f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]
+    return _commands(plan(cuda, prefix, tests, targets), jobs)
+
+
+def _commands(p: BuildPlan, jobs: int | None) -> list[list[str]]:
+    build_dir = p.root / "build"
+    cfg = ["cmake", "-S", str(p.root / "src"), "-B", str(build_dir),
+           *cmake_options(p.cuda, p.tests, shutil.which("ccache") is not None)]
     if shutil.which("ninja"):
         cfg += ["-G", "Ninja"]
     jobs = jobs or os.cpu_count() or 2
-    return [cfg, ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *targets]]
+    return [cfg, ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *p.targets]]
+
+
+@contextlib.contextmanager
+def _progress(console, what: str):
+    """A rich progress bar on console (None: no bar) yielding (progress, task) for _run_logged."""
+    if console is None:
+        yield None, None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]building[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    with progress:
+        yield progress, progress.add_task(what, total=None)
+
+
+def _build_env(root: Path) -> tuple[dict, bool]:
+    env = dict(os.environ)
+    ccache = shutil.which("ccache") is not None
+    if ccache:
+        # relative paths below root make cache entries shareable between build roots
+        env.setdefault("CCACHE_BASEDIR", str(root))
+        env.setdefault("CCACHE_NOHASHDIR", "true")
+    return env, ccache
+
+
+def _need_tools(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise UserError(f"{tool} is required to build llama.cpp but was not found on PATH")
 
 
 def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = None, console=None,
@@ -265,63 +377,46 @@ def build(cuda: bool = False, jobs: int | None = None, prefix: Path | None = Non
     cuda: configure with GGML_CUDA=ON (needs the CUDA toolkit with cuBLAS). jobs: parallel
     compile jobs (default: CPU count). prefix: folder under which builds are kept (default
     ~/.cache/asvd2gguf/llama.cpp). console: a rich Console for progress, or None for silence.
-    tests: also build TEST_TARGETS (LLAMA_BUILD_TESTS=ON); a separate build root and key, so
-    the default build stays lean (with ccache the test build recompiles little).
-    targets: build only these of the build's targets (default all; e.g. a CUDA check that needs
-    four tools); a later call asking for more builds the rest in the same folder.
-    The full build output goes to <build root>/build.log. Raises UserError on an unknown
-    target or a failed configure/build.
+    tests: build TOOLS + TEST_TARGETS (LLAMA_BUILD_TESTS=ON) instead of TARGETS; a separate
+    build root and key, so the default build stays lean (with ccache the test build recompiles
+    little). targets: build only these of the build's targets (default all; e.g. a CUDA check
+    that needs four tools); a later call asking for more builds the rest in the same folder, as
+    does a root built before TARGETS grew (e.g. without the server). The full build output goes
+    to <build root>/build.log. Raises UserError on an unknown target or a failed configure/build.
     """
-    want = _check_targets(targets, tests)
-    found = built(cuda, tests, want, prefix)
-    if found is not None:
-        return found
-    root = _build_root(cuda, prefix, tests)
-    with _locked(root):
-        found = built(cuda, tests, want, prefix)
-        if found is not None:
-            return found  # built by another process while this one waited
-        return _build_locked(root, cuda, jobs, console, tests, want, prefix)
+    p = plan(cuda, prefix, tests, targets)
+    if p.built:
+        return p.bin_dir
+    with _locked(p.root):
+        if plan(cuda, prefix, tests, targets).built:
+            return p.bin_dir  # built by another process while this one waited
+        return _build_locked(p, jobs, console)
 
 
-def _build_locked(root: Path, cuda: bool, jobs: int | None, console, tests: bool, targets: tuple[str, ...],
-                  prefix: Path | None) -> Path:
-    bin_dir = root / "build" / "bin"
-    if shutil.which("cmake") is None:
-        raise UserError("cmake is required to build llama.cpp but was not found on PATH")
+def _build_locked(p: BuildPlan, jobs: int | None, console) -> Path:
+    _need_tools("cmake", "git")
     t0 = time.time()
+    root = p.root
     _prepare_source(root, console)
     build_dir = root / "build"
     log_path = root / "build.log"
-    env = dict(os.environ)
-    if shutil.which("ccache"):
-        # relative paths below root make cache entries shareable between build roots
-        env.setdefault("CCACHE_BASEDIR", str(root))
-        env.setdefault("CCACHE_NOHASHDIR", "true")
-    cfg, cmd = build_commands(cuda, jobs, prefix, tests, targets)
+    env, _ = _build_env(root)
+    cfg, cmd = _commands(p, jobs)
     with open(log_path, "a") as log:
-        _say(console, f"[bold]configuring[/] {'CUDA' if cuda else 'CPU'} build in {build_dir} (log: {log_path})")
+        _say(console, f"[bold]configuring[/] {'CUDA' if p.cuda else 'CPU'} build in {build_dir} (log: {log_path})")
         if _run_logged(cfg, log, env) != 0:
             raise UserError(f"cmake configure failed ({_last_error(log_path)}); see {log_path}")
-        progress = None
-        if console is not None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            progress = Progress(TextColumn("[bold]building[/] {task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
-        if progress is not None:
-            with progress:
-                task = progress.add_task("llama.cpp", total=None)
-                rc = _run_logged(cmd, log, env, progress=progress, task=task)
-        else:
-            rc = _run_logged(cmd, log, env)
+        with _progress(console, "llama.cpp") as (progress, task):
+            rc = _run_logged(cmd, log, env, progress=progress, task=task)
         if rc != 0:
             raise UserError(f"llama.cpp build failed ({_last_error(log_path)}); see {log_path}")
-    missing = [t for t in targets if not (bin_dir / t).is_file()]
+    missing = [t for t in p.targets if not (p.bin_dir / t).is_file()]
     if missing:
         raise UserError(f"build finished but {', '.join(missing)} is missing; see {log_path}")
-    (root / _STAMP).write_text(json.dumps({"key": build_key(cuda, tests), "seconds": round(time.time() - t0, 1)}))
+    (root / _STAMP).write_text(json.dumps({"key": p.key, "seconds": round(time.time() - t0, 1),
+                                           "targets": list(p.targets)}))
     _say(console, f"built in {time.time() - t0:.0f} s")
-    return bin_dir
+    return p.bin_dir
 
 
 def binary(name: str) -> Path:
@@ -332,6 +427,89 @@ def binary(name: str) -> Path:
     if name not in TARGETS:
         raise UserError(f"unknown llama.cpp tool {name!r}; built tools: {', '.join(TARGETS + TEST_TARGETS)}")
     return build() / name
+
+
+# ---------------------------------------------------------------- llama-cpp-python
+
+# the wheel's build: the sdist's own CMakeLists (LLAMA_BUILD_COMMON is forced on there), RPC on as
+# in the binaries, no multimodal library (llama_cpp imports it only for image chat handlers)
+WHEEL_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DGGML_RPC=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF")
+
+
+def _cached_wheel(root: Path) -> Path | None:
+    wheels = sorted((root / "python" / "dist").glob("llama_cpp_python-*.whl"))
+    return wheels[-1] if wheels and (root / "python" / _STAMP).is_file() else None
+
+
+def _prepare_python(root: Path, console) -> Path:
+    """The llama-cpp-python sdist unpacked under root/python/src, its vendor/llama.cpp replaced by
+    a link to this build's patched tree (root/src): the very files the binaries compile."""
+    src = _prepare_source(root, console)
+    py = root / "python" / "src"
+    stamp = py / ".asvd2gguf-unpacked"
+    if stamp.is_file():
+        return py
+    if py.exists():
+        shutil.rmtree(py)
+    py.parent.mkdir(parents=True, exist_ok=True)
+    prefix = SDIST.removesuffix(".tar.gz") + "/"
+    vendor = prefix + "vendor/llama.cpp/"
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=py.parent))
+    with tarfile.open(sdist_path()) as tf:
+        members = []
+        for m in tf.getmembers():
+            if m.name.startswith(prefix) and not m.name.startswith(vendor) and m.name != vendor.rstrip("/") \
+                    and not m.name.startswith(prefix + ".git/"):
+                m.name = m.name[len(prefix):]
+                if m.name:
+                    members.append(m)
+        tf.extractall(tmp, members=members, filter="data")
+    (tmp / "vendor").mkdir(exist_ok=True)
+    (tmp / "vendor" / "llama.cpp").symlink_to(os.path.relpath(src, tmp / "vendor"))
+    os.replace(tmp, py)
+    stamp.write_text(SDIST_SHA256)
+    return py
+
+
+def build_python(jobs: int | None = None, prefix: Path | None = None, console=None) -> Path:
+    """Build (or find cached) a llama-cpp-python 0.3.36 wheel of the patched tree; return its path.
+
+    The wheel is the PyPI sdist built by its own build backend (scikit-build-core, fetched by pip
+    into an isolated build environment) with vendor/llama.cpp being this build's patched tree
+    (same patches/series, same ggml_ops/, so the same key); CPU only. It is kept under
+    <build root>/python/dist, so a second call returns at once. Output: <root>/python/build.log.
+    Raises UserError when pip, cmake or a compiler fails (naming the first error line).
+    """
+    p = plan(False, prefix, False)
+    if p.wheel is not None:
+        return p.wheel
+    with _locked(p.root):
+        cached = _cached_wheel(p.root)
+        if cached is not None:
+            return cached
+        _need_tools("cmake", "git")
+        t0 = time.time()
+        py = _prepare_python(p.root, console)
+        out = p.root / "python"
+        dist = out / "dist"
+        shutil.rmtree(dist, ignore_errors=True)
+        env, ccache = _build_env(p.root)
+        env["CMAKE_ARGS"] = " ".join((*WHEEL_CMAKE_ARGS, f"-DGGML_CCACHE={'ON' if ccache else 'OFF'}"))
+        env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 2)
+        # a fixed build folder: a rebuild after a patch edit is incremental (a new key: a new root)
+        cmd = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(dist), str(py),
+               f"--config-settings=build-dir={out / 'build'}"]
+        log_path = out / "build.log"
+        _say(console, f"[bold]building[/] the llama-cpp-python wheel in {out} (log: {log_path})")
+        with open(log_path, "a") as log, _progress(console, "llama-cpp-python") as (progress, task):
+            rc = _run_logged(cmd, log, env, progress=progress, task=task)
+        wheels = sorted(dist.glob("llama_cpp_python-*.whl"))
+        if rc != 0 or not wheels:
+            raise UserError(f"llama-cpp-python wheel build failed ({_last_error(log_path)}); see {log_path}")
+        (out / _STAMP).write_text(json.dumps({"key": p.key, "seconds": round(time.time() - t0, 1)}))
+        _say(console, f"built in {time.time() - t0:.0f} s")
+        return wheels[-1]
 
 
 def _run_tool(cmd: list[str], env: dict | None = None) -> str:
@@ -373,6 +551,21 @@ def parse_perplexity(out: str) -> dict:
     if kv:
         res["kv_mib"] = sum(kv)
     return res
+
+
+def kv_cache_mib(model: Path, ctx: int = 8192, env: dict | None = None, extra: Sequence[str] = (),
+                 threads: int = 2, bins: Path | None = None) -> float:
+    """KV cache MiB that llama.cpp allocates for `model` at n_ctx `ctx` (one sequence), as its own
+    log reports it (llama-completion generating one token, -lv 4). `env` e.g. {"ASVD_LATENT_KV": "0"}
+    for the dense cache of a latent file; `extra` e.g. ["-ctk", "q8_0"]. Raises UserError when the
+    tool fails or logs no size."""
+    exe = Path(bins) / "llama-completion" if bins else binary("llama-completion")
+    cmd = [str(exe), "-m", str(model), "-c", str(ctx), "-n", "1", "-p", "Hello", "-no-cnv", "-t", str(threads),
+           "--no-warmup", "-lv", "4", *extra]
+    res = parse_perplexity(_run_tool(cmd, env=dict(os.environ, **(env or {}))))
+    if "kv_mib" not in res:
+        raise UserError(f"llama-completion logged no KV cache size for {Path(model).name}")
+    return res["kv_mib"]
 
 
 def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | None, threads: int,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: install, compress SmolLM2-135M-Instruct with --ratio 0.9
-# --kv 0.5, print the torch perplexity before and after (wiki.test.raw, first 40 x 512 tokens),
-# and one chat answer of the original and of the compressed file through the patched llama.cpp.
+# The main job on the embedded default, end to end: install, compress SmolLM2-135M-Instruct with
+# --ratio 0.9 --kv 0.5, print the torch perplexity before and after (wiki.test.raw, first 40 x 512
+# tokens), build the patched llama.cpp, and run the original and the compressed file in it side by
+# side: a short greedy chat answer of each, llama-perplexity (20 x 512 tokens) and the KV cache MiB
+# at n_ctx 8192.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,24 +14,25 @@ ORIG=${ORIG:-smollm2-f16.gguf}
 # default for an instruct model: 3/4 conversations the model writes through its chat template,
 # 1/4 wiki.valid.tokens (or self-sampled text without it); docs/chat.md
 CALIB=(--calib-samples 8 --calib-seqlen 256)
+stage() { echo; echo "== $1 ($(date +%H:%M:%S), ${SECONDS} s so far)"; }
+stage "compressing SmolLM2-135M-Instruct: --ratio 0.9 --kv 0.5"
 # the default method, hybrid (kfac for k/v, whitening elsewhere; docs/results.md); asvd is the paper's
 asvd2gguf convert smollm2 --ratio 0.9 --kv 0.5 "${CALIB[@]}" --out "$OUT" --force
 asvd2gguf inspect "$OUT" | tail -n 20
 if [ -f "$WIKI/wiki.test.raw" ]; then
+  stage "torch perplexity, wiki.test.raw, 40 x 512 tokens"
   echo "perplexity before (original, dequantized to float):"
   asvd2gguf ppl smollm2 --text "$WIKI/wiki.test.raw" --chunks 40 | tail -n 1
   echo "perplexity after ($OUT):"
   asvd2gguf ppl "$OUT" --text "$WIKI/wiki.test.raw" --chunks 40 | tail -n 1
 fi
-# one chat answer each, greedy, through llama.cpp's chat path (the GGUF's template) as users run
-# it; the original as F16 (--ratio 1.0: nothing factored; the shipped Q4_1 file answers worse)
-BIN=$(asvd2gguf build-llama | tail -n 1)   # cached; the first build takes ~12 minutes on 2 cores
-asvd2gguf convert smollm2 --ratio 1.0 --method hybrid "${CALIB[@]}" --out "$ORIG" --force > /dev/null
-Q="What is the capital of France?"
-echo "user: $Q"
-for f in "$ORIG" "$OUT"; do
-  A=$("$BIN/llama-completion" -m "$f" -p "$Q" -cnv -st --jinja -n 48 --temp 0 -t 2 --no-warmup \
-      --no-display-prompt --simple-io < /dev/null 2> /dev/null | sed 's/ *\[end of text\]//' | tr -s '\n' ' ')
-  echo "$f: $A"
-done
+stage "building the patched llama.cpp: the first build takes about 10-15 minutes on 2 cores, later runs reuse it"
+asvd2gguf build-llama
+# the original as F16 (--ratio 1.0: nothing factored); the shipped Q4_1 file answers worse
+asvd2gguf convert smollm2 --ratio 1.0 "${CALIB[@]}" --out "$ORIG" --force > /dev/null
+stage "the original and the compressed file in llama.cpp"
+TEXT=()
+if [ -f "$WIKI/wiki.test.raw" ]; then TEXT=(--text "$WIKI/wiki.test.raw" --chunks 20); fi
+python3 scripts/side_by_side.py "$ORIG" "$OUT" --question "What is the capital of France?" "${TEXT[@]}"
+stage "done"
 echo "result: $OUT"

