@@ -116,6 +116,8 @@ def test_prompt_sets_are_disjoint_and_varied():
     assert not set(cal) & set(held) and len(set(cal)) == len(cal) and len(set(held)) == len(held)
     assert sum(any(ord(ch) > 127 for ch in p) for p in cal) >= 5  # several languages
     assert sum("python" in p.lower() or "function" in p.lower() for p in cal) >= 5  # code
+    asked = {q.q for q in chateval.load_questions()}
+    assert not (set(cal) | set(held)) & asked  # the question set stays unseen by calibration
 
 
 def test_question_file_format():
