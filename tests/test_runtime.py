@@ -60,7 +60,9 @@ def test_build_key_depends_on_options():
 def test_build_targets_are_checked_before_building(tmp_path):
     """build(targets=...) builds a subset; unknown names fail at once (nothing prepared or run)."""
     with pytest.raises(UserError, match="unknown llama.cpp build target"):
-        llamacpp.build(targets=["llama-server"], prefix=tmp_path)
+        llamacpp.build(targets=["llama-serve"], prefix=tmp_path)
+    with pytest.raises(UserError, match="unknown llama.cpp build target"):
+        llamacpp.build(tests=True, targets=["llama-server"], prefix=tmp_path)  # the tests build has no server
     with pytest.raises(UserError, match="need tests=True"):
         llamacpp.build(targets=["test-backend-ops"], prefix=tmp_path)
     assert not any(tmp_path.iterdir())
