@@ -136,7 +136,8 @@ def text_small(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- patched llama.cpp runtime
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral3")  # the archs whose graphs run factored linears and the latent cache
+# the archs whose graphs run factored linears and the latent cache (gemma3: an iswa cache, patch 0008)
+ARCHS = ("llama", "qwen2", "qwen3", "mistral3", "gemma3")
 
 
 @pytest.fixture(scope="session")

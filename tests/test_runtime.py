@@ -221,8 +221,10 @@ def test_latent_kv_matches_full_cache(tiny, text_small, arch, fa):
         assert r["kld"] < 1e-4, (arch, fa, b, r)
 
 
-def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small):
-    model = tiny["qwen2"]["kv"]
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_latent_kv_shrinks_cache_and_takes_q8_0(tiny, text_small, arch):
+    """gemma3: both halves of the iswa cache (the global layer's and the sliding-window layer's)."""
+    model = tiny[arch]["kv"]
     on = ppl(model, text_small, extra=["-lv", "4"])
     off = ppl(model, text_small, extra=["-lv", "4"], env={"ASVD_LATENT_KV": "0"})
     assert on["kv_mib"] == pytest.approx(off["kv_mib"] / 2, rel=0.01)  # r = 32 of 64
@@ -249,11 +251,13 @@ def test_latent_kv_context_shift_generation(tmp_path):
     assert _generate(model, {"ASVD_LATENT_V": "rebuild"}) == off
 
 
-def test_latent_v_fold_matches_rebuild(tiny, text_small):
-    """Folding A_v into the attention output (qwen2: with V's bias) equals rebuilding V per cell.
-    Forced: on its own the runtime folds only small batches (decoding), and these are 512 tokens."""
-    model = tiny["qwen2"]["kv"]
-    base = text_small.parent / "qwen2-rebuild.kld"
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_latent_v_fold_matches_rebuild(tiny, text_small, arch):
+    """Folding A_v into the attention output (qwen2: with V's bias; gemma3: in both halves of its
+    iswa cache) equals rebuilding V per cell. Forced: on its own the runtime folds only small
+    batches (decoding), and these are 512 tokens."""
+    model = tiny[arch]["kv"]
+    base = text_small.parent / f"{arch}-rebuild.kld"
     for fa in ("on", "off"):
         _kld_base(model, text_small, base, {"ASVD_LATENT_V": "rebuild"}, "-fa", fa)
         r = ppl(model, text_small, kl_base=base, extra=["-fa", fa], env={"ASVD_LATENT_V": "fold"})
@@ -277,10 +281,11 @@ def test_latent_fused_attention_matches_unfused(tiny, text_small, arch):
                 assert r["kld"] < 1e-4, (arch, fa, b, ct, r)
 
 
-def test_latent_kv_session_save_and_restore(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_latent_kv_session_save_and_restore(tiny, tmp_path, arch):
     """Session state: a latent cache saved with --prompt-cache and restored by a second run gives
-    the same continuation as the run that computed it."""
-    model = tiny["llama"]["kv"]
+    the same continuation as the run that computed it (gemma3: both halves of the iswa cache)."""
+    model = tiny[arch]["kv"]
     session = tmp_path / "latent.session"
     args = ("-p", "Once upon a time there was a", "-n", "24", "-c", "256", "--prompt-cache", str(session))
     first = _complete(model, *args)

@@ -110,7 +110,8 @@ def _imatrix(bins: Path, model: Path, text: Path, out: Path, env: dict, *extra: 
             for n in t if n.endswith(".in_sum2")}
 
 
-@pytest.mark.parametrize("arch, fa", [("llama", "off"), ("qwen2", "off"), ("qwen3", "on"), ("mistral3", "on")])
+@pytest.mark.parametrize("arch, fa", [("llama", "off"), ("qwen2", "off"), ("qwen3", "on"), ("mistral3", "on"),
+                                      ("gemma3", "off")])
 def test_imatrix_of_latent_file_equals_cache_off(bins, tiny, text_small, tmp_path, arch, fa):
     """llama-imatrix with the latent cache on collects every factor, A_k and A_v included, and the
     mean squared inputs equal those with the cache off (F16-rounded latents: within 1%)."""
@@ -225,8 +226,9 @@ def test_session_from_another_model_is_refused(tiny, tmp_path):
     assert "rows are" in log and "this cache is latent" in log
 
 
-def test_session_latent_on_then_off_and_reverse(tiny, tmp_path):
-    model = tiny["qwen2"]["kv"]
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_session_latent_on_then_off_and_reverse(tiny, tmp_path, arch):
+    model = tiny[arch]["kv"]
     on = _session(model, tmp_path / "on.session")
     off = _session(model, tmp_path / "off.session", {"ASVD_LATENT_KV": "0"})
     assert "this cache is not latent" in _refused(model, on, {"ASVD_LATENT_KV": "0"})
@@ -254,9 +256,10 @@ def test_session_with_altered_row_size_is_refused(tiny, tmp_path):
     assert "rows are 48 bytes, this cache's 64" in _refused(tiny["llama"]["kv"], bad)
 
 
-def test_valid_session_still_restores(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["mistral3", "gemma3"])
+def test_valid_session_still_restores(tiny, tmp_path, arch):
     """The checks refuse nothing valid: the same model and settings restore and continue identically."""
-    model = tiny["mistral3"]["kv"]
+    model = tiny[arch]["kv"]
     s = tmp_path / "ok.session"
     first = complete(model, *PROMPT, "--prompt-cache", str(s))
     second = complete(model, *PROMPT, "--prompt-cache", str(s))
@@ -305,3 +308,68 @@ def test_nf4_legacy_id_read_in_asvd_files_only(bins, tiny, text_small, tmp_path)
     log = subprocess.run([str(bins / "llama-perplexity"), "-m", str(legacy), "-f", str(text_small), "-c", "128",
                           "--chunks", "1"], capture_output=True, text=True, timeout=120)
     assert re.search(r"old NF4 type id 43, read as NF4 \(64\)", log.stdout + log.stderr)
+
+
+# ---------------------------------------------------------------- llama-server slot files (item 7)
+
+
+def _server_slots(tmp_path: Path):
+    """(slot folder, start(model, name, env) -> server context) for 1-slot servers sharing one folder."""
+    from asvd2gguf.llama_server import llama_server
+
+    slots = tmp_path / "slots"
+    slots.mkdir(exist_ok=True)
+
+    def start(model: Path, name: str, env: dict | None = None):
+        return llama_server(model, ("-t", "2", "-np", "1", "-c", "256", "--no-warmup", "--slot-save-path", f"{slots}/"),
+                            log=tmp_path / f"{name}.log", env=env)
+
+    return slots, start
+
+
+def _slot_request(url: str, action: str, filename: str):
+    import httpx
+
+    return httpx.post(f"{url}/slots/0?action={action}", json={"filename": filename}, timeout=120)
+
+
+def _complete_on(url: str) -> dict:
+    import httpx
+
+    r = httpx.post(f"{url}/completion", json={"prompt": "Once upon a time there was a", "n_predict": 8,
+                                               "temperature": 0, "id_slot": 0, "cache_prompt": True}, timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    return r.json()
+
+
+def _save_slot(start, model: Path, name: str, env: dict | None = None) -> dict:
+    with start(model, f"save-{name}", env) as srv:
+        done = _complete_on(srv.url)
+        r = _slot_request(srv.url, "save", f"{name}.bin")
+        assert r.status_code == 200, r.text[:500]
+        return done
+
+
+def test_server_slot_files_are_checked(tiny, tmp_path):
+    """llama-server's /slots restore goes through the same state check as sessions: a slot saved by
+    another model, with the latent cache on vs off, or truncated, is refused with an HTTP error and
+    the reason in the log, and the server keeps serving; a valid slot restores and continues."""
+    pytest.importorskip("httpx")
+    slots, start = _server_slots(tmp_path)
+    model = tiny["llama"]["kv"]
+    _save_slot(start, tiny["llama"]["dense"], "dense")
+    _save_slot(start, model, "full", {"ASVD_LATENT_KV": "0"})
+    valid = _save_slot(start, model, "latent")
+    cut = slots / "cut.bin"
+    cut.write_bytes((slots / "latent.bin").read_bytes()[:-1000])
+    with start(model, "restore") as srv:
+        for name, reason in (("dense", "this cache is latent"), ("full", "this cache is latent"), ("cut", "truncated")):
+            before = srv.log_text()
+            r = _slot_request(srv.url, "restore", f"{name}.bin")
+            assert r.status_code >= 400, (name, r.text[:300])
+            assert reason in srv.log_text()[len(before):], (name, srv.log_text()[-1500:])
+            assert srv.proc.poll() is None  # still serving
+        r = _slot_request(srv.url, "restore", "latent.bin")
+        assert r.status_code == 200 and r.json()["n_restored"] > 0, r.text[:300]
+        again = _complete_on(srv.url)
+    assert again["content"] == valid["content"] and again["timings"]["cache_n"] > 0
