@@ -153,6 +153,46 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted({int(i) for i in ids})
 
 
+_PROBE = "q7Zx4Kv"  # reply text no template rewrites: what the template writes after it ends the turn
+
+
+def turn_end_ids(tokenizer, template: str) -> list[int]:
+    """The special token the template writes right after an assistant message ([] if none).
+
+    That is the end-of-turn marker (<|im_end|>, <end_of_turn>, <|eot_id|>), where a chat reply
+    ends. It need not be the vocabulary's EOS: a Gemma 3 GGUF can say EOS = <eos> while turns end
+    with <end_of_turn>; llama.cpp stops at both (it marks such tokens end-of-generation,
+    src/llama-vocab.cpp), so the torch generation here must too, or a reply runs on past its turn.
+    Found by rendering a probe conversation; [] when the template fails on it or writes no
+    special token there.
+    """
+    try:
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+        text = render(tokenizer, template, probe)
+    except UserError:
+        return []
+    at = text.rfind(_PROBE)
+    if at < 0:
+        return []
+    ids = tokenizer(text[at + len(_PROBE):], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = set(tokenizer.all_special_ids) | {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    return [int(ids[0])] if ids and ids[0] in special else []
+
+
+def stop_ids(model, tokenizer, template: str) -> list[int]:
+    """Tokens that end a generated reply: EOS (generation config and tokenizer) and the
+    template's end-of-turn token (turn_end_ids)."""
+    return sorted(set(_eos_ids(model, tokenizer)) | set(turn_end_ids(tokenizer, template)))
+
+
+def stop_key(model, tokenizer, template: str) -> list:
+    """Cache-key part for the stop tokens: empty when they are EOS alone (the keys, and the
+    replies, of models whose turns end with EOS, as before turn_end_ids), else the extra ids."""
+    extra = sorted(set(stop_ids(model, tokenizer, template)) - set(_eos_ids(model, tokenizer)))
+    return [["turn-end", extra]] if extra else []
+
+
 def sample_next(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of logits (B, vocab), by llama.cpp's default sampler chain: top-k,
     top-p and min-p filter the distribution, temperature then scales what is left, and one
@@ -182,9 +222,10 @@ def generate_replies(model, tokenizer, template: str, convs: list[Conversation],
 
     One left-padded batch decoded with a KV cache; tokens drawn by sample_next from a CPU
     generator seeded with `seed` (greedy: argmax), so the replies depend only on the seed and
-    the batch. A reply stops at an end-of-turn token or after max_new tokens.
+    the batch. A reply stops at EOS or the template's end-of-turn token (stop_ids) or after
+    max_new tokens.
     """
-    eos = torch.tensor(_eos_ids(model, tokenizer) or [-1])
+    eos = torch.tensor(stop_ids(model, tokenizer, template) or [-1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else max(int(eos[0]), 0)
     prompts = [encode(tokenizer, render(tokenizer, template, c, add_generation_prompt=True)) for c in convs]
     width = max(len(p) for p in prompts)
@@ -344,7 +385,8 @@ def calibration_tokens(src, spec: str | None, n: int, seqlen: int, seed: int,
     root = cache_dir / "chat"
     if is_jsonl:
         convs_in = parse_conversations(Path(spec))
-        key = digest([src.fingerprint, template, digest(convs_in), seed, MAX_NEW, SAMPLER, "jsonl-v1"])
+        key = digest([src.fingerprint, template, digest(convs_in), seed, MAX_NEW, SAMPLER, "jsonl-v1",
+                      *stop_key(src.model, tok, template)])
         convs = answered(src.model, tok, template, iter(convs_in), seed, root / f"{key}.json",
                          lambda c: len(windows(c, n)) == n)
         got = windows(convs, n)
@@ -354,7 +396,8 @@ def calibration_tokens(src, spec: str | None, n: int, seqlen: int, seed: int,
         return torch.stack(got), f"{Path(spec).name} (conversations, {len(convs)})"
     n_chat, n_plain = split_counts(n)
     prompts = load_prompts("calibration")
-    key = digest([src.fingerprint, template, digest(prompts), seed, MAX_NEW, SAMPLER, "chat-v1"])
+    key = digest([src.fingerprint, template, digest(prompts), seed, MAX_NEW, SAMPLER, "chat-v1",
+                  *stop_key(src.model, tok, template)])
     convs = answered(src.model, tok, template, prompt_stream(prompts, seed), seed, root / f"{key}.json",
                      lambda c: len(windows(c, n_chat)) == n_chat)
     chat = torch.stack(windows(convs, n_chat))

