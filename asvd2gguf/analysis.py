@@ -16,9 +16,10 @@ import torch
 from . import cache
 from .arch import KV_KEYS, LINEARS, get_module
 from .calibrate import LayerStats
-from .decompose import KV_METHOD, REST_METHOD, Factorization, break_even_rank, factorize, whitening_factor
+from .decompose import KV_METHOD, REST_METHOD, Factorization, factorize, whitening_factor
 from .errors import UserError
 from .placement import materialized
+from .ranks import kept_rank
 from .sensitivity import tail_curves
 
 
@@ -38,11 +39,6 @@ class LinearInfo:
     @property
     def full_rank(self) -> int:
         return min(self.m, self.n)
-
-
-def kept_rank(key: str, m: int, n: int) -> int:
-    """Rank up to which factors are worth keeping: break-even, or full width for K/V latents."""
-    return min(m, n) if key in KV_KEYS else min(min(m, n), break_even_rank(m, n))
 
 
 class AnalysisStore:

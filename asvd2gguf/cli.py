@@ -104,8 +104,7 @@ def convert(
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
-        msg = f if ":" in f else f"non-finite factors in {f}: written dense (or exact latent) instead"
-        console.print(f"[yellow]warning:[/] {msg}")
+        console.print(f"[yellow]warning:[/] {f}", highlight=False, soft_wrap=True)
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe

@@ -18,19 +18,19 @@ import numpy as np
 import torch
 
 from . import cache
-from .allocate import Allocation, Options, Unreachable, allocate
-from .analysis import AnalysisStore, LinearInfo, kept_rank
+from .analysis import AnalysisStore, LinearInfo
 from .arch import KV_KEYS, LINEAR_KEYS, LINEARS, SPEC, get_module
 from .blocks import BlockRunner, resolve_device
 from .calibrate import LayerStats, collect
 from .chat import calibration_tokens
 from .config import DEFAULT_RATIO, ConvertConfig
 from .decompose import METHODS, SCALINGS
-from .errors import UserError
+from .errors import Fallback, UserError
 from .gguf_write import FORMAT_VERSION, OUTTYPES, QUANT_FILE_TYPES, BlockTensor, clean_stale_partials, write_gguf
 from .placement import main_device, materialized, remove_offload, resolve_placement
 from .quantize import SIGMA_SPLITS, QuantPlan, encode, quantize_blocks
 from .quantize import plan as quant_plan
+from .ranks import RankPlan, plan_ranks, sweep_grid
 from .sensitivity import SENSITIVITIES, interpolate, ppl_curve
 from .source import Source, load_source
 from .text import tokens_digest
@@ -45,7 +45,7 @@ class Result:
     base_calib_ppl: float
     ranks: dict[str, list[int]]
     seconds: float
-    fallbacks: list[str]
+    fallbacks: list[Fallback]
     store_root: Path
     warnings: list[str] = field(default_factory=list)
 
@@ -145,13 +145,6 @@ def analyse(src: Source, runner, tokens, cfg, progress) -> AnalysisStore:
     return store
 
 
-def sweep_grid(info: LinearInfo, align: int) -> list[int]:
-    """Ranks measured by the exact sweep: eight steps up to the largest useful rank."""
-    top = kept_rank(info.key, info.m, info.n)
-    grid = sorted({max(align, (top * j // 8) // align * align) for j in range(1, 9)} - {0})
-    return [r for r in grid if r <= top]
-
-
 def ppl_sensitivity(src, runner, tokens, cfg, store: AnalysisStore, infos, progress) -> None:
     """The paper's exact sweep, cached per linear, over the first `sweep_samples` windows."""
     toks = tokens[: cfg.sweep_samples]
@@ -174,55 +167,6 @@ def ppl_sensitivity(src, runner, tokens, cfg, store: AnalysisStore, infos, progr
     for inf in infos:
         pts = {int(k): float(v) for k, v in cache.load(root / f"{inf.name}.pt").items()}
         inf.curves["ppl"] = interpolate(pts, inf.full_rank)
-
-
-def _tie_broken(curve: np.ndarray, error: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-    """Make equal costs strictly ordered: by the output error, then by the weight's own error.
-
-    A measured curve (the exact sweep) is flat at zero wherever truncation stays under the
-    noise of the calibration loss; the allocator then sees more rank as worth nothing and
-    leaves the parameter budget unspent (0.909 achieved for a 0.938 target). With fewer
-    calibration tokens than input channels, every curve computed through X^T X (fisher, error,
-    and the factorizations of whiten, kfac and hybrid) is exactly 0 past the Gram's rank, so
-    the output error breaks no tie there (0.59 achieved for 0.9): the weight's Frobenius error
-    (sensitivity.tail_curves' `weight`) still falls with rank. Tie-breaks far below any
-    measured difference let the allocator fill the budget without changing other choices.
-    """
-    tie = error / max(float(error[0]), 1e-30)
-    if weight is not None:
-        tie = tie + 1e-3 * weight / max(float(weight[0]), 1e-30)
-    return curve + 1e-9 * tie
-
-
-def build_options(infos: list[LinearInfo], cfg: ConvertConfig, latent_kv: bool,
-                  fallbacks: list[str] | None = None) -> list[Options]:
-    """Each linear's rank options (params, latent width, predicted cost) for the allocator.
-
-    A linear whose curves are not finite gets only the exact choice (dense, or the full-width
-    latent for K/V under a latent cache) and is reported in `fallbacks`: no NaN reaches the
-    allocator, whose loops rely on ordered costs.
-    """
-    opts = []
-    for inf in infos:
-        top = kept_rank(inf.key, inf.m, inf.n)
-        kv = latent_kv and inf.key in KV_KEYS
-        if not kv:
-            top = min(top, inf.full_rank - 1)
-        ranks = list(range(cfg.rank_align, top + 1, cfg.rank_align))
-        if kv and inf.full_rank not in ranks:
-            ranks.append(inf.full_rank)  # the exact latent: always available
-        curve = _tie_broken(inf.curves[cfg.sensitivity], inf.curves["error"], inf.curves.get("weight"))
-        if not np.isfinite(curve).all():
-            ranks = [inf.full_rank] if kv else []
-            if fallbacks is not None:
-                fallbacks.append(f"{inf.name}: non-finite {cfg.sensitivity} sensitivity curve; written "
-                                 f"{'as the exact full-width latent' if kv else 'dense'}")
-        r_arr = np.array(ranks + ([] if kv else [0]), dtype=np.int64)
-        params = np.where(r_arr == 0, inf.m * inf.n, r_arr * (inf.m + inf.n))
-        cost = np.array([curve[r] if r and np.isfinite(curve).all() else 0.0 for r in r_arr])
-        width = r_arr if kv else np.zeros_like(r_arr)
-        opts.append(Options(inf.name, r_arr, params, width, cost))
-    return opts
 
 
 @torch.no_grad()
@@ -267,40 +211,6 @@ def cached_base_loss(runner, store: AnalysisStore, infos, tokens) -> float:
     tmp.write_text(json.dumps({"loss": loss}))
     tmp.replace(path)
     return loss
-
-
-def ranks_of(infos, opts, alloc: Allocation) -> dict[tuple[int, str], int]:
-    return {(inf.layer, inf.key): int(o.ranks[c]) for inf, o, c in zip(infos, opts, alloc.choice)}
-
-
-def search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_budget, progress):
-    """Smallest parameter budget whose real calibration perplexity stays under the target."""
-    target = math.log(cfg.ppl_target)
-    base = cached_base_loss(runner, store, infos, tokens)
-    if base > target:
-        raise UserError(f"--ppl-target {cfg.ppl_target:g} cannot be met: the uncompressed model's calibration "
-                        f"perplexity is {math.exp(base):.3f}")
-    min_p = sum(int(o.params.min()) for o in opts)
-    lo, hi = min_p / dense_total, 1.0
-    best = None
-    task = progress.add_task("perplexity-target search", total=10) if progress else None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        try:
-            alloc = allocate(opts, int(mid * dense_total), kv_budget, cfg.allocation)
-        except Unreachable:
-            lo = mid
-            continue
-        loss = calib_loss(runner, store, infos, ranks_of(infos, opts, alloc), tokens)
-        if loss <= target:
-            hi, best = mid, alloc
-        else:
-            lo = mid
-        if progress:
-            progress.advance(task)
-    if best is None:
-        best = allocate(opts, int(hi * dense_total), kv_budget, cfg.allocation)
-    return best
 
 
 # ---------------------------------------------------------------- driver
@@ -358,43 +268,24 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
         st.done("exact perplexity sensitivity sweep")
 
     warnings = [w for w in (calibration_warning(int(tokens.numel()), infos),) if w]
-    latent = cfg.kv is not None and cfg.kv < 1
-    curve_fallbacks: list[str] = []
-    opts = build_options(infos, cfg, latent, curve_fallbacks)
-    dense_total = sum(inf.m * inf.n for inf in infos)
-    kv_full = sum(inf.m for inf in infos if inf.key in KV_KEYS)
-    kv_budget = int(cfg.kv * kv_full) if latent else 1 << 62
-    try:
-        if cfg.ppl_target is not None:
-            alloc = search_ppl_target(runner, store, infos, opts, tokens, cfg, dense_total, kv_budget, progress)
-        else:
-            alloc = allocate(opts, int(cfg.ratio * dense_total), kv_budget, cfg.allocation)
-    except Unreachable as e:
-        if e.min_width > kv_budget:
-            raise UserError(f"--kv {cfg.kv:g} cannot be reached with --rank-align {cfg.rank_align}: the smallest "
-                            f"latent cache is {e.min_width / kv_full:.3f} of K+V") from None
-        raise UserError(f"--ratio {cfg.ratio:g} cannot be reached with --rank-align {cfg.rank_align}: the smallest "
-                        f"reachable block-linear ratio is {e.min_params / dense_total:.3f}") from None
-    ranks = ranks_of(infos, opts, alloc)
+    plan = plan_ranks(infos, cfg, lambda ranks: calib_loss(runner, store, infos, ranks, tokens),
+                      lambda: cached_base_loss(runner, store, infos, tokens), progress)
     st.done(f"rank allocation ({cfg.allocation}, {cfg.sensitivity})")
 
-    blocks, fallbacks = final_blocks(src, store, ranks, latent, cfg.dense, cfg.sigma_split)
-    fallbacks = curve_fallbacks + fallbacks
+    blocks, plan = final_blocks(src, store, plan, cfg.dense, cfg.sigma_split)
+    fallbacks = list(plan.fallbacks)
     qplan = quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)
     seen = blocks
     if qplan.active:
         blocks, seen, qfall = quantize_blocks(blocks, qplan, device, progress)
         fallbacks += qfall
         st.done(f"quantized block linears (factors {qplan.factors}, dense {qplan.dense})")
-    loss = calib_loss(runner, store, infos, ranks, tokens, None if cfg.dense and not qplan.active else seen)
+    loss = calib_loss(runner, store, infos, plan.ranks, tokens, None if cfg.dense and not qplan.active else seen)
     base_loss = cached_base_loss(runner, store, infos, tokens)
     st.done("calibration perplexity of the result")
-    kept = {(inf.layer, inf.key): (ranks[(inf.layer, inf.key)] * (inf.m + inf.n) or inf.m * inf.n,
-                                   ranks[(inf.layer, inf.key)] or inf.m) for inf in infos}
-    achieved = sum(p for p, _ in kept.values()) / dense_total  # after any dense fallback
-    kv_ach = sum(w for (_, k), (_, w) in kept.items() if k in KV_KEYS) / kv_full if latent else 1.0
-    rank_table = {k: [ranks[(i, k)] for i in range(src.n_layer)] for k in LINEAR_KEYS}
-    meta = asvd_metadata(cfg, calib_desc, achieved, kv_ach, latent and not cfg.dense, rank_table,
+    achieved, kv_ach = plan.ratio, plan.kv  # after any dense fallback
+    rank_table = plan.table()
+    meta = asvd_metadata(cfg, calib_desc, achieved, kv_ach, plan.latent and not cfg.dense, rank_table,
                          math.exp(loss) if math.isfinite(loss) else 0.0)
     if cfg.dense:
         meta = {k: v for k, v in meta.items() if not k.startswith("asvd.rank.")}
@@ -403,7 +294,8 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device, st: _Stages, progre
     write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress,
                nonblock_map=_embd_encoder(qplan, fallbacks, device) if qplan.active else None,
-               file_type=QUANT_FILE_TYPES.get(qplan.dense if cfg.dense or not any(ranks.values()) else qplan.factors))
+               file_type=QUANT_FILE_TYPES.get(qplan.dense if cfg.dense or not any(plan.ranks.values())
+                                              else qplan.factors))
     st.done("GGUF written")
     return Result(out, achieved, kv_ach, math.exp(loss), math.exp(base_loss), rank_table, time.time() - t0, fallbacks,
                   store.root, warnings)
@@ -432,7 +324,7 @@ def _map_summary(model) -> str:
     return ", ".join(f"{d}: {n}" for d, n in counts.items()) or "(single device)"
 
 
-def _embd_encoder(qplan: QuantPlan, fallbacks: list[str], device):
+def _embd_encoder(qplan: QuantPlan, fallbacks: list[Fallback], device):
     """token_embd / output at the plan's embedding type; other non-block tensors as they are."""
     def enc(name: str, arr):
         if name in ("token_embd.weight", "output.weight") and np.ndim(arr) == 2:
@@ -441,32 +333,39 @@ def _embd_encoder(qplan: QuantPlan, fallbacks: list[str], device):
     return enc
 
 
-def final_blocks(src: Source, store: AnalysisStore, ranks, latent: bool, dense: bool, split: str = "uv"):
-    """The tensors to write per layer; a linear whose factors are not finite falls back to dense."""
+def final_blocks(src: Source, store: AnalysisStore, plan: RankPlan, dense: bool,
+                 split: str = "uv") -> tuple[list[list[BlockTensor]], RankPlan]:
+    """The tensors to write per layer, and the plan they realise.
+
+    A linear whose factors are not finite falls back: K/V under a latent cache to the exact
+    full-width latent (A = I, B = W), any other to dense; each fallback makes a new plan.
+    """
     blocks: list[list[BlockTensor]] = []
-    fallbacks = []
     for i, layer in enumerate(src.model.model.layers):
         row = []
         for spec in LINEARS:
             lin = get_module(layer, spec.module)
             with materialized(lin):  # offloaded: read for this linear; on a GPU: copied to the CPU
                 w = lin.weight.detach().to("cpu")
-            r = ranks[(i, spec.key)]
+            r = plan.ranks[(i, spec.key)]
             if not r:
                 row.append(BlockTensor(spec.gguf, weight=w))
                 continue
             a, b = store.factorization(i, spec.key).factors(r, split)
             if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                fallbacks.append(f"blk.{i}.{spec.gguf}")
-                if latent and spec.key in KV_KEYS:  # exact full-width latent: A = I, B = W
+                if plan.latent and spec.key in KV_KEYS:  # exact full-width latent: A = I, B = W
                     a, b = torch.eye(w.shape[0]), w.clone()
+                    plan = plan.with_rank((i, spec.key), w.shape[0],
+                                          Fallback(f"blk.{i}.{spec.gguf}", "non-finite factors",
+                                                   "as the exact full-width latent"))
                 else:
                     row.append(BlockTensor(spec.gguf, weight=w))
-                    ranks[(i, spec.key)] = 0
+                    plan = plan.with_rank((i, spec.key), 0,
+                                          Fallback(f"blk.{i}.{spec.gguf}", "non-finite factors", "dense"))
                     continue
             row.append(BlockTensor(spec.gguf, weight=a @ b) if dense else BlockTensor(spec.gguf, a=a, b=b))
         blocks.append(row)
-    return blocks, fallbacks
+    return blocks, plan
 
 
 def asvd_metadata(cfg, calib_source: str, ratio, kv, latent, rank_table, calib_ppl) -> dict:

@@ -170,15 +170,3 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
         raise ValueError(method)
     return Factorization(u.float(), s, vt.float(), note)
 
-
-def params_dense(m: int, n: int) -> int:
-    return m * n
-
-
-def params_factored(m: int, n: int, r: int) -> int:
-    return r * (m + n)
-
-
-def break_even_rank(m: int, n: int) -> int:
-    """Largest rank at which the factor pair is still smaller than the dense matrix."""
-    return (m * n - 1) // (m + n)

@@ -19,6 +19,7 @@ from .gguf_fast import FastGGUFReader
 from .hparams import config_from_gguf
 from .lowrank import LowRankLinear
 from .quants import dequantize
+from .ranks import params
 from .rope import check_rope_freqs
 
 
@@ -57,7 +58,7 @@ class FactoredInfo:
             m, n = self.shapes[k]
             for r in rs:
                 dense += m * n
-                kept += r * (m + n) if r else m * n
+                kept += params(m, n, r)
         return kept / dense if dense else 1.0
 
     def kv_ratio(self) -> float:

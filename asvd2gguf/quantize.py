@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import UserError
+from .errors import Fallback, UserError
 from .quants import QUANTIZERS, Quantized, dequantize_torch
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -54,14 +54,14 @@ def plan(quant: str, outtype: str, dense: str | None = None, embd: str | None = 
                      outtype=outtype)
 
 
-def encode(t: torch.Tensor, qtype: str, name: str, fallbacks: list[str] | None = None,
+def encode(t: torch.Tensor, qtype: str, name: str, fallbacks: list[Fallback] | None = None,
            device: torch.device | None = None):
     """`t` in block type `qtype` (a Quantized on the CPU), or `t` itself for a float type."""
     if qtype not in QUANTIZERS or t.ndim != 2:
         return t
     if t.shape[1] % 32:
         if fallbacks is not None:
-            fallbacks.append(f"{name}: row length {t.shape[1]} is not a multiple of 32, kept as float")
+            fallbacks.append(Fallback(name, f"row length {t.shape[1]} is not a multiple of 32", "as float"))
         return t
     q = QUANTIZERS[qtype](t.to(device) if device is not None else t)
     return replace(q, data=q.data.cpu())
@@ -77,7 +77,7 @@ def quantize_blocks(blocks: list, qplan: QuantPlan, device: torch.device | None 
 
     The decoded copy lets the converter report the calibration perplexity of what is written.
     """
-    fallbacks: list[str] = []
+    fallbacks: list[Fallback] = []
     written, seen = [], []
     task = progress.add_task(f"quantizing ({qplan.factors})", total=len(blocks)) if progress else None
     for i, row in enumerate(blocks):

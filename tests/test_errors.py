@@ -126,12 +126,13 @@ def test_non_finite_factors_fall_back_to_dense(tiny_models, calib_text, cache_di
     monkeypatch.setattr(AnalysisStore, "factorization", poisoned)
     res = convert(ConvertConfig(model=str(tiny_models["llama"]), out=tmp_path / "o.gguf", calib=str(calib_text),
                                 calib_samples=4, calib_seqlen=64, cache_dir=cache_dir, ratio=0.6, device="cpu"))
-    assert res.fallbacks and not any(f.endswith("attn_k") for f in res.fallbacks)
+    assert res.fallbacks and not any(f.name.endswith("attn_k") for f in res.fallbacks)
+    assert {(f.reason, f.written) for f in res.fallbacks} == {("non-finite factors", "dense")}
     from asvd2gguf.gguf_read import describe_gguf
 
     info = describe_gguf(tmp_path / "o.gguf")
-    for name in res.fallbacks:
-        _, layer, key = name.split(".", 2)
+    for f in res.fallbacks:
+        _, layer, key = f.name.split(".", 2)
         assert info.ranks[key][int(layer)] == 0
     assert res.ratio == pytest.approx(info.ratio())
     assert np.isfinite(res.calib_ppl)
