@@ -15,12 +15,13 @@ import torch
 
 from . import cache
 from .arch import KV_KEYS, LINEARS, get_module
-from .calibrate import LayerStats
+from .calibrate import LayerStats, cached_stats
 from .decompose import KV_METHOD, REST_METHOD, Factorization, factorize, whitening_factor
 from .errors import UserError
 from .placement import materialized
 from .ranks import kept_rank
 from .sensitivity import tail_curves
+from .text import tokens_digest
 
 
 @dataclass
@@ -94,3 +95,28 @@ class AnalysisStore:
     def factorization(self, layer: int, key: str) -> Factorization:
         e = cache.load(self.path(layer, key))
         return Factorization(e["U"], e["s"], e["Vt"], e["note"])
+
+    def infos(self, n_layer: int) -> list[LinearInfo]:
+        """Every block linear's LinearInfo, layer by layer in LINEARS order."""
+        return [self.info(i, s.key) for i in range(n_layer) for s in LINEARS]
+
+
+def analyse(src, runner, tokens: torch.Tensor, cache_dir: Path, method: str, alpha: float, scaling: str,
+            progress=None) -> AnalysisStore:
+    """Factorizations and predicted loss curves of every block linear, cached under
+    <cache_dir>/analysis by model content, calibration tokens, method, alpha and scaling.
+
+    Computes the calibration statistics (calibrate.cached_stats) only when an entry is missing.
+    Raises UserError for a non-finite weight or calibration loss.
+    """
+    store = AnalysisStore(cache_dir / "analysis" / cache.key(src.fingerprint, tokens_digest(tokens), method, alpha,
+                                                             scaling, "v3"))
+    if store.complete(src.n_layer):
+        return store
+    stats = cached_stats(src, runner, tokens, cache_dir, progress, need_fisher=True)
+    task = progress.add_task(f"factorizing ({method})", total=src.n_layer) if progress else None
+    for i, layer in enumerate(runner.layers):
+        store.compute_layer(layer, i, stats[i], method, alpha, scaling, runner.block_device(i))
+        if progress:
+            progress.advance(task)
+    return store

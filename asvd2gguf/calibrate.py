@@ -9,13 +9,24 @@ model (see sensitivity.py).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .arch import LINEARS, get_module
 from .blocks import BlockRunner
+from .errors import UserError
+from .text import tokens_digest
+
+if TYPE_CHECKING:
+    from .analysis import LinearInfo
+    from .source import Source
 
 GROUP_HEAD = {}
 for _s in LINEARS:
@@ -146,3 +157,52 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
         grad = new_grad
         if progress:
             progress.advance(task)
+
+
+def cached_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_dir: Path, progress=None,
+                 need_fisher: bool = True) -> list[LayerStats]:
+    """Per-layer statistics of `tokens` (n_windows x seqlen), from <cache_dir>/calib when present.
+
+    Keyed by the model's content and the tokens; an entry without the Fisher Grams serves only
+    a caller that does not need them. Raises UserError when the model's calibration loss is
+    not finite (naming the first non-finite weight, if any).
+    """
+    root = cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), "v1")
+    meta = root / "meta.json"
+    if meta.is_file() and (json.loads(meta.read_text()).get("fisher") or not need_fisher):
+        layers = [cache.load(root / f"layer_{i:03d}.pt") for i in range(src.n_layer)]
+        if all(x is not None for x in layers):
+            return [LayerStats.from_dict(x) for x in layers]
+    calib = collect(runner, tokens, fisher=need_fisher, progress=progress)
+    if not math.isfinite(calib.base_loss):
+        raise UserError(f"the model's calibration loss is {calib.base_loss}: {_non_finite_weight(src)}")
+    for i, stats in enumerate(calib.layers):
+        cache.save(stats.to_dict(), root / f"layer_{i:03d}.pt")
+    cache.write_text_atomic(meta, json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
+    return calib.layers
+
+
+def _non_finite_weight(src: Source) -> str:
+    """Names the first parameter with NaN or inf (read only after a non-finite loss: offloaded
+    weights are read from disk again)."""
+    from .placement import cpu_state_items
+
+    for name, t in cpu_state_items(src.model):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{name} has NaN or inf values"
+    return "no weight has NaN or inf values (activations overflow float32?)"
+
+
+def calibration_warning(n_tokens: int, infos: list[LinearInfo]) -> str | None:
+    """A warning when the calibration has fewer tokens than the widest linear has input channels.
+
+    X^T X (T tokens, n channels) then has rank <= T < n: every curve computed through it is
+    exactly 0 for the input directions the calibration never excited, so it cannot rank them
+    (they are ordered by the weight's own error instead, see ranks.tie_broken). None when T >= n.
+    """
+    widest = max(infos, key=lambda info: info.n)
+    if n_tokens >= widest.n:
+        return None
+    return (f"the calibration has {n_tokens} tokens, fewer than the {widest.n} input channels of {widest.key}: "
+            f"X^T X has rank <= {n_tokens}, so directions the calibration never excited are ranked by weight norm "
+            f"only; give at least {widest.n} tokens (--calib-samples x --calib-seqlen), better several times more")

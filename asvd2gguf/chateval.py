@@ -193,9 +193,10 @@ def load_eval_model(spec: str, cache_dir: Path) -> EvalModel:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"base model file not found: {p}")
+        from .gguf_keys import KEY_FORMAT_VERSION
         from .gguf_read import field_value, load_gguf_model, open_gguf
 
-        if field_value(open_gguf(p), "asvd.format_version") is not None:
+        if field_value(open_gguf(p), KEY_FORMAT_VERSION) is not None:
             model, tok, _ = load_gguf_model(p)
             return EvalModel(model, tok, p.resolve(), fingerprint_file(p), p.stem)
     src = load_source(spec, cache_dir)

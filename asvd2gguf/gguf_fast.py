@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .gguf_keys import KEY_FORMAT_VERSION
 from .quants import tensor_type
 
 V = gguf.GGUFValueType
@@ -119,7 +120,7 @@ class FastGGUFReader:
             infos.append((name, dims, c.unpack("<I"), c.unpack("<Q")))
         align = int(self.fields["general.alignment"].value) if "general.alignment" in self.fields else 32
         start = (c.pos + align - 1) // align * align
-        asvd_file = "asvd.format_version" in self.fields  # as gguf.cpp of patches/0004 decides
+        asvd_file = KEY_FORMAT_VERSION in self.fields  # as gguf.cpp of patches/0004 decides
         for name, dims, t, off in infos:
             qtype = tensor_type(t, asvd_file, name)
             block, tsize = gguf.GGML_QUANT_SIZES[qtype]

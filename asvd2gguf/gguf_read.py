@@ -13,9 +13,10 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, arch_spec, get_module, set_module, unpermute_rows_for_llama
+from .arch import KV_KEYS, LINEARS, arch_spec, get_module, set_module, unpermute_rows_for_llama
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
+from .gguf_keys import KEY_KV_LATENT, PREFIX
 from .hparams import config_from_gguf
 from .lowrank import LowRankLinear
 from .quants import dequantize
@@ -63,10 +64,10 @@ class FactoredInfo:
 
     def kv_ratio(self) -> float:
         """Latent cache width / full K+V width; 1 when the file does not ask for a latent cache."""
-        if not self.meta.get("asvd.kv.latent", False):
+        if not self.meta.get(KEY_KV_LATENT, False):
             return 1.0
-        full = sum(self.shapes[k][0] * self.n_layer for k in ("attn_k", "attn_v"))
-        kept = sum((r or self.shapes[k][0]) for k in ("attn_k", "attn_v") for r in self.ranks[k])
+        full = sum(self.shapes[k][0] * self.n_layer for k in KV_KEYS)
+        kept = sum((r or self.shapes[k][0]) for k in KV_KEYS for r in self.ranks[k])
         return kept / full if full else 1.0
 
 
@@ -94,7 +95,7 @@ def describe_gguf(path: Path) -> FactoredInfo:
             else:
                 raise UserError(f"{base}: neither a dense weight nor both factors (lr_in, lr_out) in {path}")
         info.ranks[spec.key] = rs
-    info.meta = {k: field_value(reader, k) for k in reader.fields if k.startswith("asvd.")}
+    info.meta = {k: field_value(reader, k) for k in reader.fields if k.startswith(PREFIX)}
     return info
 
 

@@ -24,7 +24,6 @@ from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .quants import Quantized, dequantize
 
-FORMAT_VERSION = 1
 OUTTYPES = {
     "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),

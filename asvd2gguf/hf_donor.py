@@ -166,3 +166,11 @@ def hf_donor(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]]]:
     blocks = [f"blk.{i}.{s.gguf}.weight" for i in range(src.n_layer) for s in LINEARS]
     check_tensor_names([n for n, _ in tensors] + blocks, listing["names"], src.hf_dir.name)
     return folder / "vocab.gguf", tensors
+
+
+def donor_for(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]] | None]:
+    """(donor GGUF for metadata, non-block tensors or None to take the donor's own) for a source:
+    a GGUF source is its own donor; a Hugging Face folder gets hf_donor's."""
+    if src.gguf_path is not None:
+        return src.gguf_path, None
+    return hf_donor(src, cache_dir)

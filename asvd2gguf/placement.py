@@ -244,3 +244,11 @@ def cpu_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
         with materialized(mod):
             value = getattr(mod, attr).detach().to("cpu")
         yield name, value
+
+
+def map_summary(model) -> str:
+    """How many modules accelerate put on each device (hf_device_map), for the stage line."""
+    counts: dict[str, int] = {}
+    for dev in (getattr(model, "hf_device_map", None) or {}).values():
+        counts[str(dev)] = counts.get(str(dev), 0) + 1
+    return ", ".join(f"{d}: {n}" for d, n in counts.items()) or "(single device)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .errors import Fallback, UserError
@@ -98,3 +99,23 @@ def quantize_blocks(blocks: list, qplan: QuantPlan, device: torch.device | None 
         if progress:
             progress.advance(task)
     return written, seen, fallbacks
+
+
+class NonBlockEncoder:
+    """gguf_write's `nonblock_map` under a quantization plan: token_embd / output at the plan's
+    embedding type, other non-block tensors as they are. The writer calls it while it streams
+    the donor's tensors; the fallbacks it met (a row length not a multiple of 32) are its own
+    record, read after writing."""
+
+    EMBEDDINGS = ("token_embd.weight", "output.weight")
+
+    def __init__(self, qplan: QuantPlan, device: torch.device | None = None):
+        self.qplan = qplan
+        self.device = device
+        self.fallbacks: list[Fallback] = []
+
+    def __call__(self, name: str, arr):
+        if name in self.EMBEDDINGS and np.ndim(arr) == 2:
+            return encode(torch.as_tensor(np.ascontiguousarray(arr)), self.qplan.embd, name, self.fallbacks,
+                          self.device)
+        return arr

@@ -15,7 +15,8 @@ from clitools import run_cli
 
 from asvd2gguf.allocate import RankCandidates, allocate
 from asvd2gguf.analysis import LinearInfo
-from asvd2gguf.convert import ConvertConfig, calibration_warning, convert
+from asvd2gguf.calibrate import calibration_warning
+from asvd2gguf.convert import ConvertConfig, convert
 from asvd2gguf.ranks import break_even_rank, tie_broken
 
 HIDDEN, INTER, LAYERS, ALIGN = 256, 512, 2, 32
