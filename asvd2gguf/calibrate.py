@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import cache
 from .arch import LINEARS, get_module
+from .atomic import write_text_atomic
 from .blocks import BlockRunner
 from .errors import UserError
 from .text import tokens_digest
@@ -178,7 +179,7 @@ def cached_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_d
         raise UserError(f"the model's calibration loss is {calib.base_loss}: {_non_finite_weight(src)}")
     for i, stats in enumerate(calib.layers):
         cache.save(stats.to_dict(), root / f"layer_{i:03d}.pt")
-    cache.write_text_atomic(meta, json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
+    write_text_atomic(meta, json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
     return calib.layers
 
 

@@ -18,11 +18,8 @@ converter, and any name on one side only is an error instead of a silently diffe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import numpy as np
 
 from . import cache
 from .arch import LINEARS, arch_spec, permute_rows_for_llama
+from .atomic import atomic_dir
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .hparams import extra_kv
@@ -88,21 +86,12 @@ def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: di
     out = cache_dir / "donors" / cache.key(fingerprint, _VERSION, *((extra,) if extra else ()))
     if (out / "tensors.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # another process may make the same entry first; its copy is as good
         res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp),
                               json.dumps(extra or {})], capture_output=True, text=True)
         if res.returncode != 0 or not (tmp / "tensors.json").is_file():
             err = [ln for ln in (res.stderr or "").strip().splitlines() if ln.strip()]
             raise UserError(f"llama.cpp's converter failed on {hf_dir}: {err[-1] if err else 'no output'}")
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process made the same entry first; its copy is as good
-            if not (out / "tensors.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

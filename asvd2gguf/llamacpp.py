@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import UserError
 from .llama_source import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
@@ -577,18 +578,11 @@ def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | N
     out = cache_root() / "kld" / f"{base.stem}-{key}.kld"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    cmd = [str(exe), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads),
-           "--kl-divergence-base", str(tmp)]
+    cmd = [str(exe), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     cmd += list(extra)
-    try:
-        _run_tool(cmd)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda tmp: _run_tool(cmd + ["--kl-divergence-base", str(tmp)]))
     return out
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import cache
 from .arch import SPEC, get_module
+from .atomic import write_text_atomic
 from .placement import materialized
 
 if TYPE_CHECKING:
@@ -85,5 +85,5 @@ def cached_base_loss(runner: BlockRunner, store: AnalysisStore, tokens: torch.Te
     if path.is_file():
         return float(json.loads(path.read_text())["loss"])
     loss = calib_loss(runner, store, {}, tokens)
-    cache.write_text_atomic(path, json.dumps({"loss": loss}))
+    write_text_atomic(path, json.dumps({"loss": loss}))
     return loss

