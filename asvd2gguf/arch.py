@@ -109,6 +109,12 @@ def set_module(layer, path: str, new) -> None:
     setattr(parent, name, new)
 
 
+def permuted_heads(key: str, n_head: int, n_head_kv: int) -> int | None:
+    """For an arch with `permute_qk`: the head count whose rows llama.cpp's converter reorders in
+    linear `key` (and its bias): n_head for attn_q, n_head_kv for attn_k; None for the others."""
+    return {"attn_q": n_head, "attn_k": n_head_kv}.get(key)
+
+
 def permute_rows_for_llama(w, n_head: int):
     """The row order llama.cpp's converter gives q_proj/k_proj for arch llama (its RoPE layout).
 

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import KV_KEYS, LINEARS, arch_spec, get_module, set_module, unpermute_rows_for_llama
+from .arch import KV_KEYS, LINEARS, arch_spec, get_module, permuted_heads, set_module, unpermute_rows_for_llama
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .gguf_keys import KEY_KV_LATENT, PREFIX
@@ -117,13 +117,13 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     check_rope_freqs(model, reader)
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == info.arch)
     nmap = gguf.get_tensor_name_map(arch_enum, info.n_layer)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     norms = spec.norm_weight_names(info.n_layer)
 
     def load(name: str, key: str | None = None) -> torch.Tensor:
         arr = tensor_array(tensors[name])
-        if spec.permute_qk and key in heads and not name.endswith(".lr_in.weight"):
-            arr = unpermute_rows_for_llama(arr, heads[key])
+        heads = permuted_heads(key, config.num_attention_heads, config.num_key_value_heads) if key else None
+        if spec.permute_qk and heads is not None and not name.endswith(".lr_in.weight"):  # B's rows are the rank's
+            arr = unpermute_rows_for_llama(arr, heads)
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
     block_weight = {f"model.layers.{i}.{s.module}.weight": (i, s) for i in range(info.n_layer) for s in LINEARS}
@@ -149,7 +149,7 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
             if g is None or g not in tensors:
                 raise UserError(f"{path.name} has no tensor for {hf_name} (expected {g})")
             key = next((s.key for s in LINEARS if g.endswith(f".{s.gguf}.bias")), None)
-            value = load(g, key if key in heads else None).reshape(prm.shape)
+            value = load(g, key).reshape(prm.shape)
             prm.copy_(value - spec.norm_shift if hf_name in norms else value)
     if config.tie_word_embeddings:
         model.tie_weights()

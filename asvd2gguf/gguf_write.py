@@ -19,14 +19,13 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, arch_spec, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama, permuted_heads
 from .atomic import write_atomic
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .quants import Quantized, dequantize
 
 PARTIAL = "partial"  # the temporary name of an output being written: .<name>.partial-<pid>
-PERMUTED_KEYS = ("attn_q", "attn_k")  # the linears whose rows arch_spec(...).permute_qk reorders
 OUTTYPES = {
     "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -123,8 +122,8 @@ def write_gguf(
         for i in range(n_layer):
             for bt in blocks(i):
                 base = f"blk.{i}.{bt.key}"
-                permute = permute_qk and bt.key in PERMUTED_KEYS
-                heads = n_head if bt.key == "attn_q" else n_head_kv
+                heads = permuted_heads(bt.key, n_head, n_head_kv)
+                permute = permute_qk and heads is not None
                 if bt.weight is not None:
                     w = _permuted(bt.weight, heads) if permute else bt.weight
                     data, raw = _np(w, outtype)

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from . import cache
-from .arch import LINEARS, arch_spec, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama, permuted_heads
 from .atomic import atomic_dir
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
@@ -108,6 +108,7 @@ def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarra
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == src.arch)
     nmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     block_modules = tuple(f".{s.module}.weight" for s in LINEARS)
+    bias_key = {f".{s.module}.bias": s.key for s in LINEARS}  # biases stay with the non-block tensors
     tied = getattr(cfg, "tie_word_embeddings", False)
     spec = arch_spec(src.arch)
     norms = spec.norm_weight_names(cfg.num_hidden_layers)
@@ -118,8 +119,9 @@ def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarra
         if new is None:
             raise UserError(f"no GGUF name for tensor {name} of {src.arch}")
         arr = t.detach().float().numpy()
-        if spec.permute_qk and name.endswith(("q_proj.bias", "k_proj.bias")):
-            heads = cfg.num_attention_heads if name.endswith("q_proj.bias") else cfg.num_key_value_heads
+        key = next((k for suffix, k in bias_key.items() if name.endswith(suffix)), None)
+        heads = permuted_heads(key, cfg.num_attention_heads, cfg.num_key_value_heads) if key else None
+        if spec.permute_qk and heads is not None:
             arr = permute_rows_for_llama(arr, heads)
         if name in norms and spec.norm_shift:
             arr = arr + np.float32(spec.norm_shift)
