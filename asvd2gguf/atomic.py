@@ -2,7 +2,7 @@
 
 A reader sees the old entry or the whole new one, never a part; a killed run leaves only a
 hidden temporary name (removed here on errors; gguf_write.clean_stale_partials removes those of
-dead processes beside an output). Torch-free, so the command line and llama_source can use it.
+dead processes beside an output). Torch-free, so the command line and llamacpp_tree can use it.
 """
 
 from __future__ import annotations

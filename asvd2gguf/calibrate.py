@@ -96,12 +96,12 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
         finally:
             for h in handles:
                 h.remove()
-        st = LayerStats()
-        for g, a in accs.items():
-            st.abs_mean[g] = (a.sum_abs / a.count).float().cpu()
-            st.abs_max[g] = a.max_abs.float().cpu()
-            st.gram[g] = (a.gram / a.count).float().cpu()  # float32 halves the cache; math upcasts
-        stats.append(st)
+        layer_stats = LayerStats()
+        for group, acc in accs.items():
+            layer_stats.abs_mean[group] = (acc.sum_abs / acc.count).float().cpu()
+            layer_stats.abs_max[group] = acc.max_abs.float().cpu()
+            layer_stats.gram[group] = (acc.gram / acc.count).float().cpu()  # float32 halves the cache; math upcasts
+        stats.append(layer_stats)
         if progress:
             progress.advance(task)
     base_loss = float(runner.loss(hidden[-1], tokens).mean())

@@ -150,7 +150,7 @@ def ppl(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for dequantized source models."),
 ):
     """Torch-side perplexity over non-overlapping windows; ends with 'PPL = <value>'."""
-    from .perplexity import perplexity
+    from .perplexity import torch_perplexity
     from .source import EMBEDDED, embedded_path, load_source
     from .text import eval_windows, llama_windows
 
@@ -172,7 +172,7 @@ def ppl(
     else:
         windows = eval_windows(tok, text, ctx, chunks)
     with progress_bar() as p:
-        value = perplexity(m, windows, batch=batch, progress=p, first=ctx // 2 if llama_compat else 0)
+        value = torch_perplexity(m, windows, batch=batch, progress=p, first=ctx // 2 if llama_compat else 0)
     out_console.print(f"{windows.shape[0]} windows x {ctx} tokens of {text.name}"
                       f"{' (llama-perplexity scoring)' if llama_compat else ''}", highlight=False)
     out_console.print(f"PPL = {value:.4f}", highlight=False)

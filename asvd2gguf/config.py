@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .llama_source import cache_root
+from .llamacpp_tree import cache_root
 
 DEFAULT_RATIO = 0.9  # when neither --ratio nor --ppl-target is given
 

@@ -213,8 +213,8 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
     donor, extra = donor_for(src, cfg.cache_dir)
     embd = NonBlockEncoder(qplan, device) if qplan.active else None
     factored = not cfg.dense and any(plan.ranks.values())
-    c = src.model.config
-    write_gguf(out, donor, src.arch, src.n_layer, c.num_attention_heads, c.num_key_value_heads,
+    hf_config = src.model.config
+    write_gguf(out, donor, src.arch, src.n_layer, hf_config.num_attention_heads, hf_config.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress, nonblock_map=embd,
                file_type=QUANT_FILE_TYPES.get(qplan.factors if factored else qplan.dense))
     stages.done("GGUF written")

@@ -15,8 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .ggml_quants import tensor_type
 from .gguf_keys import KEY_FORMAT_VERSION
-from .quants import tensor_type
 
 V = gguf.GGUFValueType
 _SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",

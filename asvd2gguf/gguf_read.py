@@ -15,11 +15,11 @@ import torch
 
 from .arch import KV_KEYS, LINEARS, arch_spec, get_module, permuted_heads, set_module, unpermute_rows_for_llama
 from .errors import UserError
+from .ggml_quants import dequantize
 from .gguf_fast import FastGGUFReader
 from .gguf_keys import KEY_KV_LATENT, PREFIX
 from .hparams import config_from_gguf
 from .lowrank import LowRankLinear
-from .quants import dequantize
 from .ranks import params
 from .rope import check_rope_freqs
 

@@ -22,8 +22,8 @@ import torch
 from .arch import LINEARS, arch_spec, permute_rows_for_llama, permuted_heads
 from .atomic import write_atomic
 from .errors import UserError
+from .ggml_quants import Quantized, dequantize
 from .gguf_fast import FastGGUFReader
-from .quants import Quantized, dequantize
 
 PARTIAL = "partial"  # the temporary name of an output being written: .<name>.partial-<pid>
 OUTTYPES = {

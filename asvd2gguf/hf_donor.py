@@ -32,7 +32,7 @@ from .atomic import atomic_dir
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .hparams import extra_kv
-from .llama_source import source_tree
+from .llamacpp_tree import source_tree
 from .placement import cpu_state_items
 
 _SCRIPT = r"""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import UserError
-from .llama_source import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
+from .llamacpp_tree import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
 
 def data_dir(name: str) -> Path:

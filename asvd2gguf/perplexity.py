@@ -41,7 +41,9 @@ def mean_loss(model, windows: torch.Tensor, batch: int = 4, device: torch.device
     return total / count
 
 
-def perplexity(model, windows: torch.Tensor, **kw) -> float:
+def torch_perplexity(model, windows: torch.Tensor, **kw) -> float:
+    """exp(mean_loss(model, windows, **kw)): perplexity of a transformers model on `windows`
+    (n x ctx token ids). llama.cpp's, of a GGUF, is llamacpp.perplexity."""
     return math.exp(mean_loss(model, windows, **kw))
 
 

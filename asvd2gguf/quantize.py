@@ -1,4 +1,5 @@
-"""The quantize stage: which ggml type each written tensor gets, and the quantized tensors.
+"""The quantize stage: which ggml type each written tensor gets, and the quantized tensors
+(the formats themselves, bit-exact with ggml, are ggml_quants.py).
 
 Policy (`--quant MODE`, overridable per group):
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import Fallback, UserError
-from .quants import QUANTIZERS, Quantized, dequantize_torch
+from .ggml_quants import QUANTIZERS, Quantized, dequantize_torch
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_MODES = ("none", *QUANTIZERS)

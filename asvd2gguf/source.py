@@ -76,7 +76,7 @@ def embedded_path(name: str, cache_dir: Path | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"embedded model file missing: {path}")
         return path
-    from .llama_source import cache_root
+    from .llamacpp_tree import cache_root
 
     path = Path(cache_dir or cache_root()) / "embedded" / emb.filename
     if path.is_file():
