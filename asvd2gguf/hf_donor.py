@@ -95,11 +95,6 @@ def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: di
     return out
 
 
-def vocab_gguf(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: dict | None = None) -> Path:
-    """The converter's metadata for `hf_dir` as a tensor-less GGUF (see converter_outputs)."""
-    return converter_outputs(hf_dir, fingerprint, cache_dir, extra) / "vocab.gguf"
-
-
 def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Non-block tensors of the torch model under their GGUF names, stored as llama.cpp's converter
     stores them (llama q/k biases permuted, Gemma norms + 1, embedding rows beyond the tokenizer's

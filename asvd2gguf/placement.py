@@ -181,11 +181,6 @@ def load_kwargs(placement: Placement, offload: Path) -> dict:
 # ---------------------------------------------------------------- running on a dispatched model
 
 
-def is_dispatched(model) -> bool:
-    """Whether accelerate placed this model (transformers sets hf_device_map when it does)."""
-    return getattr(model, "hf_device_map", None) is not None
-
-
 def _hooks(module):
     hook = getattr(module, "_hf_hook", None)
     if hook is None:

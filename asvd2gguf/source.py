@@ -22,8 +22,6 @@ from .hparams import check_config, config_from_gguf
 from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
 from .rope import check_rope_freqs, gguf_rope_parameters
 
-DEFAULT_MODEL = "smollm2"
-
 
 @dataclass(frozen=True)
 class Embedded:
