@@ -51,6 +51,9 @@ class RankCandidates:
 
 @dataclass
 class Allocation:
+    """The solver's answer: per linear an index into its RankCandidates, and the totals it spends
+    (parameters, latent KV channels) and predicts (summed loss increase, nats)."""
+
     choice: list[int]  # index into each RankCandidates
     params: int
     width: int
@@ -167,6 +170,11 @@ def _greedy_fill(opts, choice, max_params, max_width):
 
 
 def lagrange(opts: list[RankCandidates], max_params: int, max_width: int) -> Allocation:
+    """Minimise the summed predicted loss increase subject to sum params <= max_params and
+    sum width <= max_width: a price lambda per parameter and mu per latent channel (bisected so
+    the budgets hold; each linear then picks independently), then a greedy fill of what the
+    convex hull leaves. Raises Unreachable when even the smallest choices break a budget.
+    (Our replacement for the paper's threshold search; see docs/method.md section 4.)"""
     _check_reachable(opts, max_params, max_width)
 
     def solve_mu(mu):
@@ -215,6 +223,15 @@ def strs(opts: list[RankCandidates], max_params: int, max_width: int) -> Allocat
 
 
 def allocate(opts: list[RankCandidates], max_params: int, max_width: int, method: str = "lagrange") -> Allocation:
+    """One choice per linear within the budgets: `max_params` parameters of the block linears,
+    `max_width` latent K+V channels (use a huge number for no latent cache).
+
+    A pure solver: it knows nothing of models, only candidates (ranks.candidates builds them,
+    ranks.plan_ranks calls this). `method`: "lagrange" (default, see `lagrange`) or "strs", the
+    ASVD paper's Sensitivity-based Truncation Rank Searching (arXiv 2312.05821,
+    Algorithm 1). Raises Unreachable (carrying the smallest reachable params and width) when the
+    budgets cannot be met, UserError for an unknown method.
+    """
     if method == "lagrange":
         return lagrange(opts, max_params, max_width)
     if method == "strs":

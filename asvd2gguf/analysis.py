@@ -26,6 +26,9 @@ from .text import tokens_digest
 
 @dataclass
 class LinearInfo:
+    """One block linear as the plan sees it: its place, its shape (m out x n in) and its
+    predicted loss-increase curves (nats, one entry per rank 0..min(m, n)) per sensitivity."""
+
     layer: int
     key: str
     m: int  # n_out
@@ -35,29 +38,44 @@ class LinearInfo:
 
     @property
     def name(self) -> str:
+        """blk.<layer>.<key>, as in warnings and the ppl-sweep cache."""
         return f"blk.{self.layer}.{self.key}"
 
     @property
     def full_rank(self) -> int:
+        """min(m, n): the rank of the exact factor pair."""
         return min(self.m, self.n)
 
 
 class AnalysisStore:
+    """The analysis of every block linear, one cache file per linear under `root`: the truncated
+    factorization (U (m, k), s (p,), Vt (k, n) with k = ranks.kept_rank) and its curves."""
+
     def __init__(self, root: Path):
         self.root = root
 
     def path(self, layer: int, key: str) -> Path:
+        """The cache file of one linear."""
         return self.root / f"L{layer:03d}.{key}.pt"
 
     def has(self, layer: int, key: str) -> bool:
+        """Whether the linear's entry exists (entries are written atomically: existing means complete)."""
         return self.path(layer, key).is_file()
 
     def complete(self, n_layer: int) -> bool:
+        """Whether every block linear of `n_layer` layers has its entry."""
         return all(self.has(i, s.key) for i in range(n_layer) for s in LINEARS)
 
     def compute_layer(
         self, model_layer, i: int, stats: LayerStats, method: str, alpha: float, scaling: str, device
     ) -> None:
+        """Factorize and score the linears of layer `i` that have no entry yet.
+
+        `stats`: the layer's calibration statistics; `method` per decompose.METHODS (hybrid: kfac
+        for K/V, whiten for the rest); `alpha`, `scaling`: ASVD's activation scaling (arXiv
+        2312.05821); `device`: where to compute. Raises UserError for NaN or inf
+        weights.
+        """
         x_factors: dict[str, tuple] = {}
         for spec in LINEARS:
             if self.has(i, spec.key):
@@ -88,11 +106,13 @@ class AnalysisStore:
             cache.save(entry, self.path(i, spec.key))
 
     def info(self, layer: int, key: str) -> LinearInfo:
+        """The linear's shape and curves (its entry must exist)."""
         e = cache.load(self.path(layer, key))
         m, n = e["shape"]
         return LinearInfo(layer, key, m, n, {k: v.numpy() for k, v in e["curves"].items()}, e["note"])
 
     def factorization(self, layer: int, key: str) -> Factorization:
+        """The linear's truncated factorization (its entry must exist)."""
         e = cache.load(self.path(layer, key))
         return Factorization(e["U"], e["s"], e["Vt"], e["note"])
 

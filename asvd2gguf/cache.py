@@ -14,6 +14,7 @@ from .atomic import write_atomic
 
 
 def key(*parts) -> str:
+    """A 20-hex-digit content key for a cache entry from everything that determines it (JSON-able)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -36,21 +36,30 @@ for _s in LINEARS:
 
 @dataclass
 class LayerStats:
+    """One layer's calibration statistics over T tokens: per input group (arch.LinearSpec.group)
+    the mean and max |x| per channel (ASVD's scaling) and the Gram X^T X / T (whitening); per
+    linear the output-gradient Gram G^T G / T (K-FAC; empty without the Fisher pass)."""
+
     abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
     abs_max: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) float64, / T
     out_gram: dict[str, torch.Tensor] = field(default_factory=dict)  # linear key -> (m, m) float64, / T
 
     def to_dict(self) -> dict:
+        """Plain dict of tensors, for the cache (torch.load with weights_only)."""
         return {"abs_mean": self.abs_mean, "abs_max": self.abs_max, "gram": self.gram, "out_gram": self.out_gram}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerStats:
+        """Inverse of to_dict."""
         return cls(**d)
 
 
 @dataclass
 class Calibration:
+    """What `collect` returns: the windows, the hidden states between blocks (CPU, float32),
+    per-layer statistics and the model's mean calibration loss (nats)."""
+
     tokens: torch.Tensor  # (N, T)
     hidden: list[torch.Tensor]  # input of each block, plus the final hidden state
     layers: list[LayerStats]

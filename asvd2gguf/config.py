@@ -22,6 +22,10 @@ DEFAULT_METHOD_REASON = (
 
 @dataclass
 class ConvertConfig:
+    """Every option of `convert` (one field per --option of the command line, same name), with
+    its default. Units: ratio, kv in (0, 1] (kept fraction of block-linear parameters, of K+V
+    width); ppl_target a perplexity; calib_samples x calib_seqlen tokens; rank_align in ranks."""
+
     model: str
     out: Path | None = None
     force: bool = False

@@ -135,9 +135,10 @@ class _Stages:
 def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     """Compress `cfg.model` by activation-aware low-rank factorization and write a factored GGUF.
 
-    The method is ASVD's (arXiv 2312.05821): activation-aware factorization (section 3.2, or
-    the whitened variants of decompose.py), ranks chosen per linear from sensitivity curves
-    under one budget (section 3.3; ranks.py), optionally a latent KV cache (section 3.4: --kv).
+    The method is ASVD's (arXiv 2312.05821): activation-aware factorization (or the whitened
+    variants of decompose.py), ranks chosen per linear from sensitivity curves under one budget
+    (the paper's Sensitivity-based Truncation Rank Searching; ranks.py), optionally a latent KV
+    cache (the paper's KV cache compression: --kv).
     `console`, `progress`: a rich Console for stage lines and a Progress for bars (both optional).
     Returns a Result. Raises UserError for bad options, an existing output without --force, an
     unsupported or broken model, an unreachable budget, or a failed write (nothing is left

@@ -25,6 +25,10 @@ SCALINGS = ("abs_mean", "abs_max")
 
 @dataclass
 class Factorization:
+    """W ~= U diag(s) Vt for one weight W (m, n), p = min(m, n) or fewer columns kept: the
+    activation-aware SVD of W T with T folded back into Vt (ASVD, arXiv 2312.05821, or the
+    whitened variants; see the module docstring)."""
+
     U: torch.Tensor  # (m, p)
     s: torch.Tensor  # (p,) singular values of W T, descending
     Vt: torch.Tensor  # (p, n): V^T T^-1, so that W = U diag(s) Vt
@@ -32,6 +36,7 @@ class Factorization:
 
     @property
     def max_rank(self) -> int:
+        """Singular values held (p)."""
         return self.s.shape[0]
 
     def factors(self, r: int, split: str = "uv") -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +54,7 @@ class Factorization:
         return self.U[:, :r] * root, root[:, None] * self.Vt[:r]
 
     def weight(self, r: int) -> torch.Tensor:
+        """The rank-r approximation A @ B, (m, n)."""
         a, b = self.factors(r)
         return a @ b
 

@@ -25,6 +25,7 @@ from .rope import check_rope_freqs
 
 
 def open_gguf(path: Path) -> FastGGUFReader:
+    """A reader of `path`; UserError when it is missing or not a readable GGUF."""
     if not Path(path).is_file():
         raise UserError(f"GGUF file not found: {path}")
     try:
@@ -35,6 +36,7 @@ def open_gguf(path: Path) -> FastGGUFReader:
 
 
 def field_value(reader: FastGGUFReader, key: str, default=None):
+    """The value of metadata key `key`, or `default` when the file has none."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
@@ -47,6 +49,8 @@ def tensor_array(t) -> np.ndarray:
 
 @dataclass
 class FactoredInfo:
+    """A GGUF's block linears as its tensors say (describe_gguf), with its asvd.* keys."""
+
     arch: str
     n_layer: int
     ranks: dict[str, list[int]] = field(default_factory=dict)  # key -> rank per layer (0 dense)
@@ -54,6 +58,7 @@ class FactoredInfo:
     meta: dict = field(default_factory=dict)
 
     def ratio(self) -> float:
+        """Kept block-linear parameters / dense count, from the tensor shapes (ranks.params)."""
         dense = kept = 0
         for k, rs in self.ranks.items():
             m, n = self.shapes[k]

@@ -24,6 +24,7 @@ COMMIT = "0c1e570"
 
 
 def cache_root() -> Path:
+    """The cache folder: $ASVD2GGUF_CACHE, else ~/.cache/asvd2gguf (ConvertConfig.cache_dir's default)."""
     return Path(os.environ.get("ASVD2GGUF_CACHE", Path.home() / ".cache" / "asvd2gguf"))
 
 

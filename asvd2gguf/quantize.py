@@ -33,6 +33,8 @@ SIGMA_SPLITS = ("uv", "u", "v")
 
 @dataclass(frozen=True)
 class QuantPlan:
+    """The type per tensor group (see the table above): a float --outtype or a QUANTIZERS name."""
+
     factors: str
     dense: str
     embd: str
@@ -40,6 +42,7 @@ class QuantPlan:
 
     @property
     def active(self) -> bool:
+        """Whether any group gets a block type."""
         return any(t in QUANTIZERS for t in (self.factors, self.dense, self.embd))
 
 

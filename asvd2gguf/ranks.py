@@ -10,8 +10,8 @@
                   A fallback found later (non-finite factors) makes a new plan (`with_rank`).
 
 Torch-free: the losses the perplexity-target search needs come in as a function.
-The rule is the ASVD paper's (arXiv 2312.05821, section 3.3 "Sensitivity-based Truncation
-Rank Searching"): per-linear sensitivity of the loss to its rank, one global budget.
+The rule is the ASVD paper's (arXiv 2312.05821, "Sensitivity-based Truncation Rank Searching",
+STRS): per-linear sensitivity of the loss to its rank, one global budget.
 """
 
 from __future__ import annotations
@@ -157,15 +157,18 @@ class RankPlan:
 
     @property
     def latent(self) -> bool:
+        """Whether K/V are latent (a --kv below 1 was asked for)."""
         return self.budget.latent
 
     @property
     def ratio(self) -> float:
+        """Kept parameters of the block linears / their dense count (r (m + n), or m n when dense)."""
         kept = sum(params(*self.shapes[lin], r) for lin, r in self.ranks.items())
         return kept / self.budget.dense_total
 
     @property
     def kv(self) -> float:
+        """Latent K+V width (sum of their ranks; a dense one counts m) / full K+V width; 1 without latents."""
         if not self.budget.latent:
             return 1.0
         width = sum(r or self.shapes[(i, k)][0] for (i, k), r in self.ranks.items() if k in KV_KEYS)

@@ -96,7 +96,7 @@ def interpolate(points: dict[int, float], p: int) -> np.ndarray:
 def ppl_sensitivity(src, runner: BlockRunner, tokens: torch.Tensor, store: AnalysisStore, infos: list[LinearInfo],
                     *, cache_dir: Path, method: str, alpha: float, scaling: str, rank_align: int,
                     sweep_samples: int, progress=None) -> list[LinearInfo]:
-    """The paper's exact sweep (ASVD, arXiv 2312.05821, section 3.3): `infos` with a "ppl" curve
+    """The paper's exact sweep (ASVD, arXiv 2312.05821, STRS): `infos` with a "ppl" curve
     added, measured over the first `sweep_samples` calibration windows at ranks.sweep_grid and
     interpolated; cached per linear under <cache_dir>/sens_ppl. Returns new LinearInfo objects.
     """

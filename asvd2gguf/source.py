@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,9 @@ EMBEDDED = {
 
 @dataclass
 class Source:
+    """The model to compress, loaded (load_source): a float32 torch model, its tokenizer, and
+    where its metadata comes from."""
+
     model: object  # transformers PreTrainedModel, float32, on CPU (or placed by an accelerate device map)
     tokenizer: object
     model_type: str
@@ -56,6 +58,7 @@ class Source:
 
     @property
     def n_layer(self) -> int:
+        """Decoder blocks."""
         return len(self.model.model.layers)
 
 
@@ -268,18 +271,3 @@ def _check_gguf_arch(path: Path) -> None:
         raise UserError(f"{path} has no general.architecture")
     arch_spec(field.contents(), path.name)
 
-
-def describe(source: Source) -> dict:
-    c = source.model.config
-    return json.loads(
-        json.dumps(
-            {
-                "name": source.name,
-                "arch": source.arch,
-                "layers": c.num_hidden_layers,
-                "hidden": c.hidden_size,
-                "heads": c.num_attention_heads,
-                "kv_heads": c.num_key_value_heads,
-            }
-        )
-    )
