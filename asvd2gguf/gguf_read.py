@@ -63,7 +63,7 @@ class FactoredInfo:
         for k, rs in self.ranks.items():
             m, n = self.shapes[k]
             for r in rs:
-                dense += m * n
+                dense += params(m, n, 0)
                 kept += params(m, n, r)
         return kept / dense if dense else 1.0
 

@@ -106,7 +106,7 @@ def candidates(infos: list[LinearInfo], sensitivity: str, rank_align: int,
             fallbacks.append(Fallback(info.name, f"non-finite {sensitivity} sensitivity curve",
                                       "as the exact full-width latent" if kv else "dense"))
         rank_arr = np.array(ranks + ([] if kv else [0]), dtype=np.int64)
-        param_arr = np.where(rank_arr == 0, info.m * info.n, rank_arr * (info.m + info.n))
+        param_arr = np.array([params(info.m, info.n, int(r)) for r in rank_arr], dtype=np.int64)
         cost = np.array([curve[r] if r and finite else 0.0 for r in rank_arr])
         width = rank_arr if kv else np.zeros_like(rank_arr)
         out.append(RankCandidates(info.name, rank_arr, param_arr, width, cost))
@@ -127,7 +127,7 @@ class Budget:
         """The budget of `infos` for --kv `kv` (None or 1: no latent cache)."""
         latent = kv is not None and kv < 1
         kv_full = sum(info.m for info in infos if info.key in KV_KEYS)
-        return cls(sum(info.m * info.n for info in infos), kv_full, latent,
+        return cls(sum(params(info.m, info.n, 0) for info in infos), kv_full, latent,
                    int(kv * kv_full) if latent else NO_LIMIT)
 
     def params_for(self, ratio: float) -> int:
