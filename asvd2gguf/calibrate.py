@@ -89,7 +89,11 @@ class _Acc:
 
 
 def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, progress=None) -> Calibration:
-    """One forward pass for statistics (and a backward one for the Fisher factors)."""
+    """Statistics of `tokens` (n_windows, seqlen) int64: one forward pass block by block (per input
+    group mean/max |x| and X^T X / T, accumulated in float64), and with `fisher` a block-wise
+    backward pass of the summed next-token loss for each linear's output-gradient Gram G^T G / T
+    (the second K-FAC factor; Martens and Grosse, arXiv 1503.05671). Returns a Calibration whose
+    base_loss is the mean loss in nats (may be non-finite: the caller reports it)."""
     hidden = [runner.embed(tokens)]
     stats: list[LayerStats] = []
     n_layer = len(runner.layers)

@@ -149,6 +149,11 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
     gradients: its truncation minimises the K-FAC estimate of the loss increase itself, so for
     k_proj it weighs K errors by how the attention scores actually use them. `x_factor` is a
     precomputed whitening_factor(gram): q, k and v share one input Gram.
+
+    Inputs: `abs_stat` (n,) mean or max |x| per input channel (asvd: ASVD, arXiv 2312.05821),
+    `gram` (n, n) X^T X / T (whiten: SVD-LLM, arXiv 2403.07378; kfac), `out_gram` (m, m)
+    G^T G / T (kfac). Computes in float64; U, Vt come back float32, s float64, all p = min(m, n)
+    wide. Raises ValueError for an unknown method (convert.validate checks it first).
     """
     w64 = w.double()
     note = ""

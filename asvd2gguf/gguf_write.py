@@ -96,7 +96,11 @@ def write_gguf(
     """Write atomically; `extra_tensors` replaces the donor's non-block tensors when given.
 
     `nonblock_map` may turn a non-block tensor into another (e.g. a Quantized embedding);
-    `file_type` overrides the general.file_type that `outtype` implies.
+    `file_type` overrides the general.file_type that `outtype` implies. `blocks(i)`: layer i's
+    BlockTensors, weight (m, n) or factors A (m, r), B (r, n), in Hugging Face row order (q/k
+    rows are permuted here for archs with permute_qk). Layout: docs/gguf-format.md.
+    Raises UserError for a full disk or an unwritable output (nothing is left behind),
+    ValueError for non-finite factors.
     """
     reader = FastGGUFReader(donor)
 

@@ -75,7 +75,10 @@ def ppl_curve(
     runner: BlockRunner, layer_idx: int, key: str, f: Factorization, hidden_in: torch.Tensor,
     tokens: torch.Tensor, base_loss: float, ranks: list[int],
 ) -> dict[int, float]:
-    """Exact loss increase at each rank in `ranks`, re-running blocks layer_idx..end."""
+    """Exact loss increase (nats, mean over `tokens`) at each rank in `ranks` with only this linear
+    truncated, re-running blocks layer_idx..end from `hidden_in` (the block's cached input,
+    (n, seqlen, hidden)); `base_loss`: the untruncated loss. The ASVD paper's sensitivity
+    (arXiv 2312.05821, STRS), measured instead of predicted."""
     out = {}
     for r in ranks:
         with runner.trial(layer_idx, {key: f.factors(r)}) as trial:

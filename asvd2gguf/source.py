@@ -108,6 +108,8 @@ def fingerprint_file(path: Path, h=None) -> str:
 
 
 def fingerprint_dir(path: Path) -> str:
+    """sha256 over the names and contents (fingerprint_file) of a Hugging Face folder's .json, .safetensors,
+    .bin and .model files."""
     h = hashlib.sha256()
     for p in sorted(path.iterdir()):
         if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model"):
