@@ -42,6 +42,8 @@ def wiki_calibration() -> str:
 
 
 def read_text(path: Path) -> str:
+    """The file's text (UTF-8, undecodable bytes replaced); UserError when it is missing,
+    unreadable or empty."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
