@@ -21,8 +21,9 @@ ALLOCATIONS = ("lagrange", "strs")
 
 
 @dataclass
-class Options:
-    """The choices for one linear; rank 0 means dense."""
+class RankCandidates:
+    """The ranks one linear may take (0 means dense) with their parameters, latent width and cost
+    (built by ranks.candidates); arrays of one length."""
 
     name: str
     ranks: np.ndarray
@@ -50,7 +51,10 @@ class Options:
 
 @dataclass
 class Allocation:
-    choice: list[int]  # index into each Options
+    """The solver's answer: per linear an index into its RankCandidates, and the totals it spends
+    (parameters, latent KV channels) and predicts (summed loss increase, nats)."""
+
+    choice: list[int]  # index into each RankCandidates
     params: int
     width: int
     cost: float
@@ -75,7 +79,7 @@ def _check_reachable(opts, max_params, max_width) -> None:
         raise Unreachable(min_p, min_w)
 
 
-def _pick(opts: list[Options], lam: float, mu: float) -> list[int]:
+def _pick(opts: list[RankCandidates], lam: float, mu: float) -> list[int]:
     cost, params, width = _padded(opts)
     return np.argmin(cost + lam * params + mu * width, axis=1).tolist()
 
@@ -83,8 +87,8 @@ def _pick(opts: list[Options], lam: float, mu: float) -> list[int]:
 _PAD_CACHE: dict[int, tuple] = {}
 
 
-def _padded(opts: list[Options]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Options as (n_linears, max_options) arrays, padding never chosen: the bisections call
+def _padded(opts: list[RankCandidates]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """RankCandidates as (n_linears, max_options) arrays, padding never chosen: the bisections call
     _pick thousands of times, so it must be one vectorised argmin."""
     key = id(opts)
     hit = _PAD_CACHE.get(key)
@@ -165,7 +169,12 @@ def _greedy_fill(opts, choice, max_params, max_width):
     return choice
 
 
-def lagrange(opts: list[Options], max_params: int, max_width: int) -> Allocation:
+def lagrange(opts: list[RankCandidates], max_params: int, max_width: int) -> Allocation:
+    """Minimise the summed predicted loss increase subject to sum params <= max_params and
+    sum width <= max_width: a price lambda per parameter and mu per latent channel (bisected so
+    the budgets hold; each linear then picks independently), then a greedy fill of what the
+    convex hull leaves. Raises Unreachable when even the smallest choices break a budget.
+    (Our replacement for the paper's threshold search; see docs/method.md section 4.)"""
     _check_reachable(opts, max_params, max_width)
 
     def solve_mu(mu):
@@ -185,7 +194,7 @@ def _checked(opts, choice, max_params, max_width) -> Allocation:
     return alloc
 
 
-def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
+def strs(opts: list[RankCandidates], max_params: int, max_width: int) -> Allocation:
     """The paper's threshold search: every linear takes its smallest option with cost <= t.
 
     The model shrinks as t grows, so binary-search the smallest t that fits the budgets.
@@ -213,7 +222,16 @@ def strs(opts: list[Options], max_params: int, max_width: int) -> Allocation:
     return _checked(opts, at(thresholds[lo]), max_params, max_width)
 
 
-def allocate(opts: list[Options], max_params: int, max_width: int, method: str = "lagrange") -> Allocation:
+def allocate(opts: list[RankCandidates], max_params: int, max_width: int, method: str = "lagrange") -> Allocation:
+    """One choice per linear within the budgets: `max_params` parameters of the block linears,
+    `max_width` latent K+V channels (use a huge number for no latent cache).
+
+    A pure solver: it knows nothing of models, only candidates (ranks.candidates builds them,
+    ranks.plan_ranks calls this). `method`: "lagrange" (default, see `lagrange`) or "strs", the
+    ASVD paper's Sensitivity-based Truncation Rank Searching (arXiv 2312.05821,
+    Algorithm 1). Raises Unreachable (carrying the smallest reachable params and width) when the
+    budgets cannot be met, UserError for an unknown method.
+    """
     if method == "lagrange":
         return lagrange(opts, max_params, max_width)
     if method == "strs":

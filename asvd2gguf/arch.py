@@ -76,6 +76,8 @@ def arch_spec(gguf_name: str, where: str = "") -> ArchSpec:
 
 @dataclass(frozen=True)
 class LinearSpec:
+    """One of the 7 block linears: its names in our metadata, in transformers and in llama.cpp."""
+
     key: str  # short name used in metadata and caches
     module: str  # attribute path inside a decoder layer
     gguf: str  # llama.cpp base name without "blk.N."
@@ -97,6 +99,7 @@ SPEC = {s.key: s for s in LINEARS}
 
 
 def get_module(layer, path: str):
+    """The submodule at dotted `path` ("self_attn.q_proj") of a decoder layer."""
     mod = layer
     for part in path.split("."):
         mod = getattr(mod, part)
@@ -104,9 +107,16 @@ def get_module(layer, path: str):
 
 
 def set_module(layer, path: str, new) -> None:
+    """Replace the submodule at dotted `path` of a decoder layer by `new`."""
     parent_path, _, name = path.rpartition(".")
     parent = get_module(layer, parent_path) if parent_path else layer
     setattr(parent, name, new)
+
+
+def permuted_heads(key: str, n_head: int, n_head_kv: int) -> int | None:
+    """For an arch with `permute_qk`: the head count whose rows llama.cpp's converter reorders in
+    linear `key` (and its bias): n_head for attn_q, n_head_kv for attn_k; None for the others."""
+    return {"attn_q": n_head, "attn_k": n_head_kv}.get(key)
 
 
 def permute_rows_for_llama(w, n_head: int):

@@ -41,8 +41,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 class BlockRunner:
+    """Runs a transformers decoder one block at a time on hidden states kept on the CPU.
+
+    Hidden states are float32 (n_windows, seqlen, hidden); each block runs in micro-batches of
+    `micro_batch` windows on its device (the compute device, or under a device map where
+    accelerate placed it) and its output comes back to the CPU. Used by calibration (statistics
+    per block, as GPTQ does: Frantar et al., arXiv 2210.17323), by the exact sensitivity sweep
+    (re-running only the blocks after a truncated one: ASVD, arXiv 2312.05821, STRS) and
+    by the calibration loss of a compressed model (`trial` swaps in factored linears).
+    Supports the decoder layouts of arch.ARCHS (llama, qwen2/3, gemma3: per-layer-type RoPE and
+    sliding-window masks).
+    """
+
     def __init__(self, model, device: torch.device, micro_batch: int = 4, mapped: bool = False):
-        """`device`: the compute device; with `mapped`, accelerate's main device (used for quantizing)."""
+        """`model`: a transformers causal LM (`model.model.layers`, `rotary_emb`, `norm`, `lm_head`).
+        `device`: the compute device; with `mapped`, accelerate's main device (used for quantizing)."""
         self.model = model
         self.inner = model.model
         self.layers = model.model.layers
@@ -63,6 +76,7 @@ class BlockRunner:
         return execution_device(module) if self.mapped else self.device
 
     def block_device(self, i: int) -> torch.device:
+        """Where block i computes (see device_of)."""
         return self.device_of(self.layers[i])
 
     @contextmanager
@@ -119,6 +133,8 @@ class BlockRunner:
 
     @torch.no_grad()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of `tokens` (n, seqlen) int64: (n, seqlen, hidden) float32 (the model's own
+        scaling included, e.g. Gemma's sqrt(hidden)), on the CPU under a device map."""
         if not self.mapped:
             return self.inner.embed_tokens(tokens).float()
         emb = self.inner.embed_tokens  # a single-device map has no hook to move the tokens
@@ -177,7 +193,8 @@ class BlockRunner:
 
     @torch.no_grad()
     def loss(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean next-token loss from final hidden states."""
+        """Per-window mean next-token cross-entropy (nats), (n,) on the CPU, from final hidden states
+        (n, seqlen, hidden) and the windows' `tokens` (n, seqlen)."""
         losses = []
         dev = self.device_of(self.inner.norm)
         with self.on_device(self.inner.norm), self.on_device(self.model.lm_head):

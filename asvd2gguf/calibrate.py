@@ -9,13 +9,25 @@ model (see sensitivity.py).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .arch import LINEARS, get_module
+from .atomic import write_text_atomic
 from .blocks import BlockRunner
+from .errors import UserError
+from .text import tokens_digest
+
+if TYPE_CHECKING:
+    from .analysis import LinearInfo
+    from .source import Source
 
 GROUP_HEAD = {}
 for _s in LINEARS:
@@ -24,21 +36,30 @@ for _s in LINEARS:
 
 @dataclass
 class LayerStats:
+    """One layer's calibration statistics over T tokens: per input group (arch.LinearSpec.group)
+    the mean and max |x| per channel (ASVD's scaling) and the Gram X^T X / T (whitening); per
+    linear the output-gradient Gram G^T G / T (K-FAC; empty without the Fisher pass)."""
+
     abs_mean: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
     abs_max: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n,)
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # group -> (n, n) float64, / T
     out_gram: dict[str, torch.Tensor] = field(default_factory=dict)  # linear key -> (m, m) float64, / T
 
     def to_dict(self) -> dict:
+        """Plain dict of tensors, for the cache (torch.load with weights_only)."""
         return {"abs_mean": self.abs_mean, "abs_max": self.abs_max, "gram": self.gram, "out_gram": self.out_gram}
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerStats:
+        """Inverse of to_dict."""
         return cls(**d)
 
 
 @dataclass
 class Calibration:
+    """What `collect` returns: the windows, the hidden states between blocks (CPU, float32),
+    per-layer statistics and the model's mean calibration loss (nats)."""
+
     tokens: torch.Tensor  # (N, T)
     hidden: list[torch.Tensor]  # input of each block, plus the final hidden state
     layers: list[LayerStats]
@@ -68,7 +89,11 @@ class _Acc:
 
 
 def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, progress=None) -> Calibration:
-    """One forward pass for statistics (and a backward one for the Fisher factors)."""
+    """Statistics of `tokens` (n_windows, seqlen) int64: one forward pass block by block (per input
+    group mean/max |x| and X^T X / T, accumulated in float64), and with `fisher` a block-wise
+    backward pass of the summed next-token loss for each linear's output-gradient Gram G^T G / T
+    (the second K-FAC factor; Martens and Grosse, arXiv 1503.05671). Returns a Calibration whose
+    base_loss is the mean loss in nats (may be non-finite: the caller reports it)."""
     hidden = [runner.embed(tokens)]
     stats: list[LayerStats] = []
     n_layer = len(runner.layers)
@@ -84,12 +109,12 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
         finally:
             for h in handles:
                 h.remove()
-        st = LayerStats()
-        for g, a in accs.items():
-            st.abs_mean[g] = (a.sum_abs / a.count).float().cpu()
-            st.abs_max[g] = a.max_abs.float().cpu()
-            st.gram[g] = (a.gram / a.count).float().cpu()  # float32 halves the cache; math upcasts
-        stats.append(st)
+        layer_stats = LayerStats()
+        for group, acc in accs.items():
+            layer_stats.abs_mean[group] = (acc.sum_abs / acc.count).float().cpu()
+            layer_stats.abs_max[group] = acc.max_abs.float().cpu()
+            layer_stats.gram[group] = (acc.gram / acc.count).float().cpu()  # float32 halves the cache; math upcasts
+        stats.append(layer_stats)
         if progress:
             progress.advance(task)
     base_loss = float(runner.loss(hidden[-1], tokens).mean())
@@ -146,3 +171,52 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
         grad = new_grad
         if progress:
             progress.advance(task)
+
+
+def cached_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_dir: Path, progress=None,
+                 need_fisher: bool = True) -> list[LayerStats]:
+    """Per-layer statistics of `tokens` (n_windows x seqlen), from <cache_dir>/calib when present.
+
+    Keyed by the model's content and the tokens; an entry without the Fisher Grams serves only
+    a caller that does not need them. Raises UserError when the model's calibration loss is
+    not finite (naming the first non-finite weight, if any).
+    """
+    root = cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), "v1")
+    meta = root / "meta.json"
+    if meta.is_file() and (json.loads(meta.read_text()).get("fisher") or not need_fisher):
+        layers = [cache.load(root / f"layer_{i:03d}.pt") for i in range(src.n_layer)]
+        if all(x is not None for x in layers):
+            return [LayerStats.from_dict(x) for x in layers]
+    calib = collect(runner, tokens, fisher=need_fisher, progress=progress)
+    if not math.isfinite(calib.base_loss):
+        raise UserError(f"the model's calibration loss is {calib.base_loss}: {_non_finite_weight(src)}")
+    for i, stats in enumerate(calib.layers):
+        cache.save(stats.to_dict(), root / f"layer_{i:03d}.pt")
+    write_text_atomic(meta, json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
+    return calib.layers
+
+
+def _non_finite_weight(src: Source) -> str:
+    """Names the first parameter with NaN or inf (read only after a non-finite loss: offloaded
+    weights are read from disk again)."""
+    from .placement import cpu_state_items
+
+    for name, t in cpu_state_items(src.model):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"{name} has NaN or inf values"
+    return "no weight has NaN or inf values (activations overflow float32?)"
+
+
+def calibration_warning(n_tokens: int, infos: list[LinearInfo]) -> str | None:
+    """A warning when the calibration has fewer tokens than the widest linear has input channels.
+
+    X^T X (T tokens, n channels) then has rank <= T < n: every curve computed through it is
+    exactly 0 for the input directions the calibration never excited, so it cannot rank them
+    (they are ordered by the weight's own error instead, see ranks.tie_broken). None when T >= n.
+    """
+    widest = max(infos, key=lambda info: info.n)
+    if n_tokens >= widest.n:
+        return None
+    return (f"the calibration has {n_tokens} tokens, fewer than the {widest.n} input channels of {widest.key}: "
+            f"X^T X has rank <= {n_tokens}, so directions the calibration never excited are ranked by weight norm "
+            f"only; give at least {widest.n} tokens (--calib-samples x --calib-seqlen), better several times more")

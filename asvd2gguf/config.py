@@ -6,10 +6,10 @@ the pipeline; asvd2gguf.convert re-exports ConvertConfig.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .llama_source import cache_root
+from .llamacpp_tree import cache_root
 
 DEFAULT_RATIO = 0.9  # when neither --ratio nor --ppl-target is given
 
@@ -22,10 +22,14 @@ DEFAULT_METHOD_REASON = (
 
 @dataclass
 class ConvertConfig:
+    """Every option of `convert` (one field per --option of the command line, same name), with
+    its default. Units: ratio, kv in (0, 1] (kept fraction of block-linear parameters, of K+V
+    width); ppl_target a perplexity; calib_samples x calib_seqlen tokens; rank_align in ranks."""
+
     model: str
     out: Path | None = None
     force: bool = False
-    ratio: float | None = None  # with ppl_target also None: DEFAULT_RATIO (convert.validate)
+    ratio: float | None = None  # with ppl_target also None: DEFAULT_RATIO (resolved)
     ppl_target: float | None = None
     kv: float | None = None
     calib: str | None = None
@@ -49,6 +53,13 @@ class ConvertConfig:
     device_map: str | None = None  # accelerate device_map: a strategy name or a JSON file (placement.py)
     max_memory: str | None = None  # "0=20GiB,cpu=60GiB": accelerate's max_memory for a named strategy
     cache_dir: Path = field(default_factory=cache_root)  # ASVD2GGUF_CACHE or ~/.cache/asvd2gguf
+
+    def resolved(self) -> ConvertConfig:
+        """This configuration with the defaults that depend on other options filled in, as a new
+        object (--ratio DEFAULT_RATIO when neither --ratio nor --ppl-target is given)."""
+        if self.ratio is None and self.ppl_target is None:
+            return replace(self, ratio=DEFAULT_RATIO)
+        return self
 
 
 DEFAULTS = ConvertConfig(model="")

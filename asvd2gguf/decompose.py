@@ -25,6 +25,10 @@ SCALINGS = ("abs_mean", "abs_max")
 
 @dataclass
 class Factorization:
+    """W ~= U diag(s) Vt for one weight W (m, n), p = min(m, n) or fewer columns kept: the
+    activation-aware SVD of W T with T folded back into Vt (ASVD, arXiv 2312.05821, or the
+    whitened variants; see the module docstring)."""
+
     U: torch.Tensor  # (m, p)
     s: torch.Tensor  # (p,) singular values of W T, descending
     Vt: torch.Tensor  # (p, n): V^T T^-1, so that W = U diag(s) Vt
@@ -32,6 +36,7 @@ class Factorization:
 
     @property
     def max_rank(self) -> int:
+        """Singular values held (p)."""
         return self.s.shape[0]
 
     def factors(self, r: int, split: str = "uv") -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +54,7 @@ class Factorization:
         return self.U[:, :r] * root, root[:, None] * self.Vt[:r]
 
     def weight(self, r: int) -> torch.Tensor:
+        """The rank-r approximation A @ B, (m, n)."""
         a, b = self.factors(r)
         return a @ b
 
@@ -143,6 +149,11 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
     gradients: its truncation minimises the K-FAC estimate of the loss increase itself, so for
     k_proj it weighs K errors by how the attention scores actually use them. `x_factor` is a
     precomputed whitening_factor(gram): q, k and v share one input Gram.
+
+    Inputs: `abs_stat` (n,) mean or max |x| per input channel (asvd: ASVD, arXiv 2312.05821),
+    `gram` (n, n) X^T X / T (whiten: SVD-LLM, arXiv 2403.07378; kfac), `out_gram` (m, m)
+    G^T G / T (kfac). Computes in float64; U, Vt come back float32, s float64, all p = min(m, n)
+    wide. Raises ValueError for an unknown method (convert.validate checks it first).
     """
     w64 = w.double()
     note = ""
@@ -170,15 +181,3 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
         raise ValueError(method)
     return Factorization(u.float(), s, vt.float(), note)
 
-
-def params_dense(m: int, n: int) -> int:
-    return m * n
-
-
-def params_factored(m: int, n: int, r: int) -> int:
-    return r * (m + n)
-
-
-def break_even_rank(m: int, n: int) -> int:
-    """Largest rank at which the factor pair is still smaller than the dense matrix."""
-    return (m * n - 1) // (m + n)

@@ -1,4 +1,9 @@
-"""One exception type for everything a user can cause, so the CLI can print one line and exit."""
+"""One exception type for everything a user can cause, so the CLI can print one line and exit;
+warnings and fallbacks (what was done instead of what was asked) as typed records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class UserError(Exception):
@@ -7,3 +12,19 @@ class UserError(Exception):
 
 class AsvdWarning(UserWarning):
     """Something the user should know that does not stop the command; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A tensor written otherwise than planned: which one, why, and what was written instead.
+
+    name: a linear ("blk.3.attn_k") or a GGUF tensor ("token_embd.weight"). The CLI prints
+    str(fallback) as a warning.
+    """
+
+    name: str
+    reason: str  # e.g. "non-finite factors"
+    written: str  # e.g. "dense", "as the exact full-width latent", "kept as float"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}; written {self.written}"

@@ -15,7 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .quants import tensor_type
+from .ggml_quants import tensor_type
+from .gguf_keys import KEY_FORMAT_VERSION
 
 V = gguf.GGUFValueType
 _SCALAR = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
@@ -119,7 +120,7 @@ class FastGGUFReader:
             infos.append((name, dims, c.unpack("<I"), c.unpack("<Q")))
         align = int(self.fields["general.alignment"].value) if "general.alignment" in self.fields else 32
         start = (c.pos + align - 1) // align * align
-        asvd_file = "asvd.format_version" in self.fields  # as gguf.cpp of patches/0004 decides
+        asvd_file = KEY_FORMAT_VERSION in self.fields  # as gguf.cpp of patches/0004 decides
         for name, dims, t, off in infos:
             qtype = tensor_type(t, asvd_file, name)
             block, tsize = gguf.GGML_QUANT_SIZES[qtype]

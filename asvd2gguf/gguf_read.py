@@ -13,16 +13,19 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, arch_spec, get_module, set_module, unpermute_rows_for_llama
+from .arch import KV_KEYS, LINEARS, arch_spec, get_module, permuted_heads, set_module, unpermute_rows_for_llama
 from .errors import UserError
+from .ggml_quants import dequantize
 from .gguf_fast import FastGGUFReader
+from .gguf_keys import KEY_KV_LATENT, PREFIX
 from .hparams import config_from_gguf
 from .lowrank import LowRankLinear
-from .quants import dequantize
+from .ranks import params
 from .rope import check_rope_freqs
 
 
 def open_gguf(path: Path) -> FastGGUFReader:
+    """A reader of `path`; UserError when it is missing or not a readable GGUF."""
     if not Path(path).is_file():
         raise UserError(f"GGUF file not found: {path}")
     try:
@@ -33,6 +36,7 @@ def open_gguf(path: Path) -> FastGGUFReader:
 
 
 def field_value(reader: FastGGUFReader, key: str, default=None):
+    """The value of metadata key `key`, or `default` when the file has none."""
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
@@ -45,6 +49,8 @@ def tensor_array(t) -> np.ndarray:
 
 @dataclass
 class FactoredInfo:
+    """A GGUF's block linears as its tensors say (describe_gguf), with its asvd.* keys."""
+
     arch: str
     n_layer: int
     ranks: dict[str, list[int]] = field(default_factory=dict)  # key -> rank per layer (0 dense)
@@ -52,20 +58,21 @@ class FactoredInfo:
     meta: dict = field(default_factory=dict)
 
     def ratio(self) -> float:
+        """Kept block-linear parameters / dense count, from the tensor shapes (ranks.params)."""
         dense = kept = 0
         for k, rs in self.ranks.items():
             m, n = self.shapes[k]
             for r in rs:
-                dense += m * n
-                kept += r * (m + n) if r else m * n
+                dense += params(m, n, 0)
+                kept += params(m, n, r)
         return kept / dense if dense else 1.0
 
     def kv_ratio(self) -> float:
         """Latent cache width / full K+V width; 1 when the file does not ask for a latent cache."""
-        if not self.meta.get("asvd.kv.latent", False):
+        if not self.meta.get(KEY_KV_LATENT, False):
             return 1.0
-        full = sum(self.shapes[k][0] * self.n_layer for k in ("attn_k", "attn_v"))
-        kept = sum((r or self.shapes[k][0]) for k in ("attn_k", "attn_v") for r in self.ranks[k])
+        full = sum(self.shapes[k][0] * self.n_layer for k in KV_KEYS)
+        kept = sum((r or self.shapes[k][0]) for k in KV_KEYS for r in self.ranks[k])
         return kept / full if full else 1.0
 
 
@@ -93,7 +100,7 @@ def describe_gguf(path: Path) -> FactoredInfo:
             else:
                 raise UserError(f"{base}: neither a dense weight nor both factors (lr_in, lr_out) in {path}")
         info.ranks[spec.key] = rs
-    info.meta = {k: field_value(reader, k) for k in reader.fields if k.startswith("asvd.")}
+    info.meta = {k: field_value(reader, k) for k in reader.fields if k.startswith(PREFIX)}
     return info
 
 
@@ -115,13 +122,13 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     check_rope_freqs(model, reader)
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == info.arch)
     nmap = gguf.get_tensor_name_map(arch_enum, info.n_layer)
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     norms = spec.norm_weight_names(info.n_layer)
 
     def load(name: str, key: str | None = None) -> torch.Tensor:
         arr = tensor_array(tensors[name])
-        if spec.permute_qk and key in heads and not name.endswith(".lr_in.weight"):
-            arr = unpermute_rows_for_llama(arr, heads[key])
+        heads = permuted_heads(key, config.num_attention_heads, config.num_key_value_heads) if key else None
+        if spec.permute_qk and heads is not None and not name.endswith(".lr_in.weight"):  # B's rows are the rank's
+            arr = unpermute_rows_for_llama(arr, heads)
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
     block_weight = {f"model.layers.{i}.{s.module}.weight": (i, s) for i in range(info.n_layer) for s in LINEARS}
@@ -147,7 +154,7 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
             if g is None or g not in tensors:
                 raise UserError(f"{path.name} has no tensor for {hf_name} (expected {g})")
             key = next((s.key for s in LINEARS if g.endswith(f".{s.gguf}.bias")), None)
-            value = load(g, key if key in heads else None).reshape(prm.shape)
+            value = load(g, key).reshape(prm.shape)
             prm.copy_(value - spec.norm_shift if hf_name in norms else value)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -19,12 +19,13 @@ import gguf
 import numpy as np
 import torch
 
-from .arch import LINEARS, arch_spec, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama, permuted_heads
+from .atomic import write_atomic
 from .errors import UserError
+from .ggml_quants import Quantized, dequantize
 from .gguf_fast import FastGGUFReader
-from .quants import Quantized, dequantize
 
-FORMAT_VERSION = 1
+PARTIAL = "partial"  # the temporary name of an output being written: .<name>.partial-<pid>
 OUTTYPES = {
     "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
     "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
@@ -95,61 +96,62 @@ def write_gguf(
     """Write atomically; `extra_tensors` replaces the donor's non-block tensors when given.
 
     `nonblock_map` may turn a non-block tensor into another (e.g. a Quantized embedding);
-    `file_type` overrides the general.file_type that `outtype` implies.
+    `file_type` overrides the general.file_type that `outtype` implies. `blocks(i)`: layer i's
+    BlockTensors, weight (m, n) or factors A (m, r), B (r, n), in Hugging Face row order (q/k
+    rows are permuted here for archs with permute_qk). Layout: docs/gguf-format.md.
+    Raises UserError for a full disk or an unwritable output (nothing is left behind),
+    ValueError for non-finite factors.
     """
     reader = FastGGUFReader(donor)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, arch)
-    name_field = reader.fields.get("general.name")
-    base_name = name_field.contents() if name_field is not None else out.stem
-    _copy_kv(writer, reader, {"general.architecture", "general.name", "general.file_type"})
-    writer.add_name(f"{base_name} (ASVD)")
-    writer.add_file_type(int(OUTTYPES[outtype][1]) if file_type is None else file_type)
-    for k, (v, vt) in asvd_meta.items():
-        if vt == gguf.GGUFValueType.ARRAY:
-            writer.add_array(k, v)
-        else:
-            writer.add_key_value(k, v, vt)
 
-    for name, arr in extra_tensors if extra_tensors is not None else donor_tensors(reader):
-        data, raw = _np(nonblock_map(name, arr) if nonblock_map else arr, outtype)
-        writer.add_tensor(name, data, raw_dtype=raw)
-
-    task = progress.add_task("writing", total=n_layer) if progress else None
-    permute_qk = arch_spec(arch).permute_qk
-    for i in range(n_layer):
-        for bt in blocks(i):
-            base = f"blk.{i}.{bt.key}"
-            permute = permute_qk and bt.key in ("attn_q", "attn_k")
-            heads = n_head if bt.key == "attn_q" else n_head_kv
-            if bt.weight is not None:
-                w = _permuted(bt.weight, heads) if permute else bt.weight
-                data, raw = _np(w, outtype)
-                writer.add_tensor(f"{base}.weight", data, raw_dtype=raw)
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        name_field = reader.fields.get("general.name")
+        base_name = name_field.contents() if name_field is not None else out.stem
+        _copy_kv(writer, reader, {"general.architecture", "general.name", "general.file_type"})
+        writer.add_name(f"{base_name} (ASVD)")
+        writer.add_file_type(int(OUTTYPES[outtype][1]) if file_type is None else file_type)
+        for k, (v, vt) in asvd_meta.items():
+            if vt == gguf.GGUFValueType.ARRAY:
+                writer.add_array(k, v)
             else:
-                a = _permuted(bt.a, heads) if permute else bt.a
-                for suffix, t in (("lr_in", bt.b), ("lr_out", a)):
-                    if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"non-finite values in {base}.{suffix}")
-                    data, raw = _np(t, outtype)
-                    writer.add_tensor(f"{base}.{suffix}.weight", data, raw_dtype=raw)
-        if progress:
-            progress.advance(task)
+                writer.add_key_value(k, v, vt)
 
-    try:
+        for name, arr in extra_tensors if extra_tensors is not None else donor_tensors(reader):
+            data, raw = _np(nonblock_map(name, arr) if nonblock_map else arr, outtype)
+            writer.add_tensor(name, data, raw_dtype=raw)
+
+        task = progress.add_task("writing", total=n_layer) if progress else None
+        permute_qk = arch_spec(arch).permute_qk
+        for i in range(n_layer):
+            for bt in blocks(i):
+                base = f"blk.{i}.{bt.key}"
+                heads = permuted_heads(bt.key, n_head, n_head_kv)
+                permute = permute_qk and heads is not None
+                if bt.weight is not None:
+                    w = _permuted(bt.weight, heads) if permute else bt.weight
+                    data, raw = _np(w, outtype)
+                    writer.add_tensor(f"{base}.weight", data, raw_dtype=raw)
+                else:
+                    a = _permuted(bt.a, heads) if permute else bt.a
+                    for suffix, t in (("lr_in", bt.b), ("lr_out", a)):
+                        if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+                            raise ValueError(f"non-finite values in {base}.{suffix}")
+                        data, raw = _np(t, outtype)
+                        writer.add_tensor(f"{base}.{suffix}.weight", data, raw_dtype=raw)
+            if progress:
+                progress.advance(task)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+
+    try:
+        write_atomic(out, write, tag=PARTIAL)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             raise UserError(f"disk full while writing {out}; nothing was written") from None
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _permuted(t, heads: int):
@@ -161,7 +163,7 @@ def _permuted(t, heads: int):
 
 def clean_stale_partials(out: Path) -> None:
     """Remove temp files a killed run left beside `out` (their writer process is gone)."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
+    for p in out.parent.glob(f".{out.name}.{PARTIAL}-*"):
         try:
             pid = int(p.name.rsplit("-", 1)[1])
             os.kill(pid, 0)

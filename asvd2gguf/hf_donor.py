@@ -18,11 +18,8 @@ converter, and any name on one side only is an error instead of a silently diffe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,11 +27,12 @@ import gguf
 import numpy as np
 
 from . import cache
-from .arch import LINEARS, arch_spec, permute_rows_for_llama
+from .arch import LINEARS, arch_spec, permute_rows_for_llama, permuted_heads
+from .atomic import atomic_dir
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .hparams import extra_kv
-from .llama_source import source_tree
+from .llamacpp_tree import source_tree
 from .placement import cpu_state_items
 
 _SCRIPT = r"""
@@ -88,27 +86,13 @@ def converter_outputs(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: di
     out = cache_dir / "donors" / cache.key(fingerprint, _VERSION, *((extra,) if extra else ()))
     if (out / "tensors.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # another process may make the same entry first; its copy is as good
         res = subprocess.run([sys.executable, "-c", _SCRIPT, str(source_tree()), str(hf_dir), str(tmp),
                               json.dumps(extra or {})], capture_output=True, text=True)
         if res.returncode != 0 or not (tmp / "tensors.json").is_file():
             err = [ln for ln in (res.stderr or "").strip().splitlines() if ln.strip()]
             raise UserError(f"llama.cpp's converter failed on {hf_dir}: {err[-1] if err else 'no output'}")
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process made the same entry first; its copy is as good
-            if not (out / "tensors.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def vocab_gguf(hf_dir: Path, fingerprint: str, cache_dir: Path, extra: dict | None = None) -> Path:
-    """The converter's metadata for `hf_dir` as a tensor-less GGUF (see converter_outputs)."""
-    return converter_outputs(hf_dir, fingerprint, cache_dir, extra) / "vocab.gguf"
 
 
 def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -119,6 +103,7 @@ def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarra
     arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == src.arch)
     nmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     block_modules = tuple(f".{s.module}.weight" for s in LINEARS)
+    bias_key = {f".{s.module}.bias": s.key for s in LINEARS}  # biases stay with the non-block tensors
     tied = getattr(cfg, "tie_word_embeddings", False)
     spec = arch_spec(src.arch)
     norms = spec.norm_weight_names(cfg.num_hidden_layers)
@@ -129,8 +114,9 @@ def hf_tensors(src, n_vocab: int | None = None) -> Iterator[tuple[str, np.ndarra
         if new is None:
             raise UserError(f"no GGUF name for tensor {name} of {src.arch}")
         arr = t.detach().float().numpy()
-        if spec.permute_qk and name.endswith(("q_proj.bias", "k_proj.bias")):
-            heads = cfg.num_attention_heads if name.endswith("q_proj.bias") else cfg.num_key_value_heads
+        key = next((k for suffix, k in bias_key.items() if name.endswith(suffix)), None)
+        heads = permuted_heads(key, cfg.num_attention_heads, cfg.num_key_value_heads) if key else None
+        if spec.permute_qk and heads is not None:
             arr = permute_rows_for_llama(arr, heads)
         if name in norms and spec.norm_shift:
             arr = arr + np.float32(spec.norm_shift)
@@ -166,3 +152,11 @@ def hf_donor(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]]]:
     blocks = [f"blk.{i}.{s.gguf}.weight" for i in range(src.n_layer) for s in LINEARS]
     check_tensor_names([n for n, _ in tensors] + blocks, listing["names"], src.hf_dir.name)
     return folder / "vocab.gguf", tensors
+
+
+def donor_for(src, cache_dir: Path) -> tuple[Path, list[tuple[str, np.ndarray]] | None]:
+    """(donor GGUF for metadata, non-block tensors or None to take the donor's own) for a source:
+    a GGUF source is its own donor; a Hugging Face folder gets hf_donor's."""
+    if src.gguf_path is not None:
+        return src.gguf_path, None
+    return hf_donor(src, cache_dir)

@@ -2,7 +2,7 @@
 
 Why a build step of our own: factored GGUF files (docs/gguf-format.md) need a llama.cpp that
 loads factor pairs and, for the latent KV cache, caches B_k x / B_v x. We pin one llama.cpp tree
-(0c1e570, vendored in llama-cpp-python 0.3.36 on PyPI, sha256-checked by llama_source), apply the
+(0c1e570, vendored in llama-cpp-python 0.3.36 on PyPI, sha256-checked by llamacpp_tree), apply the
 patch series in patches/ in order, drop in the ggml code of ggml_ops/, and build only the tools
 we use. Builds are cached under ~/.cache/asvd2gguf/llama.cpp by (source hash, hash of patches/
 and ggml_ops/, options), so a second call with nothing changed returns at once, and ccache
@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import UserError
-from .llama_source import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
+from .llamacpp_tree import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
 
 def data_dir(name: str) -> Path:
@@ -577,18 +578,11 @@ def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | N
     out = cache_root() / "kld" / f"{base.stem}-{key}.kld"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    cmd = [str(exe), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads),
-           "--kl-divergence-base", str(tmp)]
+    cmd = [str(exe), "-m", str(base), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     cmd += list(extra)
-    try:
-        _run_tool(cmd)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda tmp: _run_tool(cmd + ["--kl-divergence-base", str(tmp)]))
     return out
 
 

@@ -11,6 +11,9 @@ from .arch import SPEC, get_module, set_module
 
 
 class LowRankLinear(nn.Module):
+    """y = A (B x) + bias with A (m, r) = lr_out.weight, B (r, n) = lr_in.weight: the GGUF pair
+    blk.N.<linear>.lr_out / .lr_in as a torch module (frozen)."""
+
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.lr_in = nn.Linear(b.shape[1], b.shape[0], bias=False)
@@ -25,9 +28,11 @@ class LowRankLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """r, the width of the latent B x."""
         return self.lr_in.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., n) -> (..., m)."""
         return self.lr_out(self.lr_in(x))
 
 

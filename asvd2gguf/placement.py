@@ -181,11 +181,6 @@ def load_kwargs(placement: Placement, offload: Path) -> dict:
 # ---------------------------------------------------------------- running on a dispatched model
 
 
-def is_dispatched(model) -> bool:
-    """Whether accelerate placed this model (transformers sets hf_device_map when it does)."""
-    return getattr(model, "hf_device_map", None) is not None
-
-
 def _hooks(module):
     hook = getattr(module, "_hf_hook", None)
     if hook is None:
@@ -244,3 +239,11 @@ def cpu_state_items(model) -> Iterator[tuple[str, torch.Tensor]]:
         with materialized(mod):
             value = getattr(mod, attr).detach().to("cpu")
         yield name, value
+
+
+def map_summary(model) -> str:
+    """How many modules accelerate put on each device (hf_device_map), for the stage line."""
+    counts: dict[str, int] = {}
+    for dev in (getattr(model, "hf_device_map", None) or {}).values():
+        counts[str(dev)] = counts.get(str(dev), 0) + 1
+    return ", ".join(f"{d}: {n}" for d, n in counts.items()) or "(single device)"

@@ -1,4 +1,5 @@
-"""The quantize stage: which ggml type each written tensor gets, and the quantized tensors.
+"""The quantize stage: which ggml type each written tensor gets, and the quantized tensors
+(the formats themselves, bit-exact with ggml, are ggml_quants.py).
 
 Policy (`--quant MODE`, overridable per group):
 
@@ -19,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from .errors import UserError
-from .quants import QUANTIZERS, Quantized, dequantize_torch
+from .errors import Fallback, UserError
+from .ggml_quants import QUANTIZERS, Quantized, dequantize_torch
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_MODES = ("none", *QUANTIZERS)
@@ -31,6 +33,8 @@ SIGMA_SPLITS = ("uv", "u", "v")
 
 @dataclass(frozen=True)
 class QuantPlan:
+    """The type per tensor group (see the table above): a float --outtype or a QUANTIZERS name."""
+
     factors: str
     dense: str
     embd: str
@@ -38,6 +42,7 @@ class QuantPlan:
 
     @property
     def active(self) -> bool:
+        """Whether any group gets a block type."""
         return any(t in QUANTIZERS for t in (self.factors, self.dense, self.embd))
 
 
@@ -54,14 +59,14 @@ def plan(quant: str, outtype: str, dense: str | None = None, embd: str | None = 
                      outtype=outtype)
 
 
-def encode(t: torch.Tensor, qtype: str, name: str, fallbacks: list[str] | None = None,
+def encode(t: torch.Tensor, qtype: str, name: str, fallbacks: list[Fallback] | None = None,
            device: torch.device | None = None):
     """`t` in block type `qtype` (a Quantized on the CPU), or `t` itself for a float type."""
     if qtype not in QUANTIZERS or t.ndim != 2:
         return t
     if t.shape[1] % 32:
         if fallbacks is not None:
-            fallbacks.append(f"{name}: row length {t.shape[1]} is not a multiple of 32, kept as float")
+            fallbacks.append(Fallback(name, f"row length {t.shape[1]} is not a multiple of 32", "as float"))
         return t
     q = QUANTIZERS[qtype](t.to(device) if device is not None else t)
     return replace(q, data=q.data.cpu())
@@ -77,7 +82,7 @@ def quantize_blocks(blocks: list, qplan: QuantPlan, device: torch.device | None 
 
     The decoded copy lets the converter report the calibration perplexity of what is written.
     """
-    fallbacks: list[str] = []
+    fallbacks: list[Fallback] = []
     written, seen = [], []
     task = progress.add_task(f"quantizing ({qplan.factors})", total=len(blocks)) if progress else None
     for i, row in enumerate(blocks):
@@ -98,3 +103,23 @@ def quantize_blocks(blocks: list, qplan: QuantPlan, device: torch.device | None 
         if progress:
             progress.advance(task)
     return written, seen, fallbacks
+
+
+class NonBlockEncoder:
+    """gguf_write's `nonblock_map` under a quantization plan: token_embd / output at the plan's
+    embedding type, other non-block tensors as they are. The writer calls it while it streams
+    the donor's tensors; the fallbacks it met (a row length not a multiple of 32) are its own
+    record, read after writing."""
+
+    EMBEDDINGS = ("token_embd.weight", "output.weight")
+
+    def __init__(self, qplan: QuantPlan, device: torch.device | None = None):
+        self.qplan = qplan
+        self.device = device
+        self.fallbacks: list[Fallback] = []
+
+    def __call__(self, name: str, arr):
+        if name in self.EMBEDDINGS and np.ndim(arr) == 2:
+            return encode(torch.as_tensor(np.ascontiguousarray(arr)), self.qplan.embd, name, self.fallbacks,
+                          self.device)
+        return arr

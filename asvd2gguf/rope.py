@@ -41,7 +41,7 @@ def _value(fields: dict, key: str, default=None):
 
 def rope_freqs(reader) -> np.ndarray | None:
     """The file's rope_freqs.weight (n_rot/2,) as float64, or None."""
-    from .quants import dequantize
+    from .ggml_quants import dequantize
 
     t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     return None if t is None else np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)

@@ -14,11 +14,21 @@ Two estimators feed the same allocator:
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from . import cache
 from .blocks import BlockRunner
 from .decompose import Factorization
+from .ranks import sweep_grid
+from .text import tokens_digest
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisStore, LinearInfo
 
 SENSITIVITIES = ("fisher", "ppl", "error")
 
@@ -65,7 +75,10 @@ def ppl_curve(
     runner: BlockRunner, layer_idx: int, key: str, f: Factorization, hidden_in: torch.Tensor,
     tokens: torch.Tensor, base_loss: float, ranks: list[int],
 ) -> dict[int, float]:
-    """Exact loss increase at each rank in `ranks`, re-running blocks layer_idx..end."""
+    """Exact loss increase (nats, mean over `tokens`) at each rank in `ranks` with only this linear
+    truncated, re-running blocks layer_idx..end from `hidden_in` (the block's cached input,
+    (n, seqlen, hidden)); `base_loss`: the untruncated loss. The ASVD paper's sensitivity
+    (arXiv 2312.05821, STRS), measured instead of predicted."""
     out = {}
     for r in ranks:
         with runner.trial(layer_idx, {key: f.factors(r)}) as trial:
@@ -81,3 +94,33 @@ def interpolate(points: dict[int, float], p: int) -> np.ndarray:
     ys = np.array([points[r] for r in rs] + ([0.0] if p not in points else []), dtype=float)
     curve = np.interp(np.arange(p + 1), xs, ys, left=ys[0])
     return np.maximum.accumulate(curve[::-1])[::-1]  # more rank never costs more
+
+
+def ppl_sensitivity(src, runner: BlockRunner, tokens: torch.Tensor, store: AnalysisStore, infos: list[LinearInfo],
+                    *, cache_dir: Path, method: str, alpha: float, scaling: str, rank_align: int,
+                    sweep_samples: int, progress=None) -> list[LinearInfo]:
+    """The paper's exact sweep (ASVD, arXiv 2312.05821, STRS): `infos` with a "ppl" curve
+    added, measured over the first `sweep_samples` calibration windows at ranks.sweep_grid and
+    interpolated; cached per linear under <cache_dir>/sens_ppl. Returns new LinearInfo objects.
+    """
+    toks = tokens[:sweep_samples]
+    root = cache_dir / "sens_ppl" / cache.key(src.fingerprint, tokens_digest(toks), method, alpha, scaling, rank_align,
+                                              "v2")
+    todo = [info for info in infos if cache.load(root / f"{info.name}.pt") is None]
+    if todo:
+        hidden = [runner.embed(toks)]
+        for i in range(src.n_layer):
+            hidden.append(runner.run_block(i, hidden[-1]))
+        base = float(runner.loss(hidden[-1], toks).mean())
+        task = progress.add_task("sensitivity sweep (exact)", total=len(todo)) if progress else None
+        for info in todo:
+            pts = ppl_curve(runner, info.layer, info.key, store.factorization(info.layer, info.key), hidden[info.layer],
+                            toks, base, sweep_grid(info, rank_align))
+            cache.save({str(k): v for k, v in pts.items()}, root / f"{info.name}.pt")
+            if progress:
+                progress.advance(task)
+    out = []
+    for info in infos:
+        pts = {int(k): float(v) for k, v in cache.load(root / f"{info.name}.pt").items()}
+        out.append(replace(info, curves={**info.curves, "ppl": interpolate(pts, info.full_rank)}))
+    return out

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache
 from .arch import arch_spec, gguf_arch
+from .atomic import atomic_dir, write_atomic
 from .errors import UserError
 from .gguf_fast import FastGGUFReader
 from .hparams import check_config, config_from_gguf
 from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
 from .rope import check_rope_freqs, gguf_rope_parameters
-
-DEFAULT_MODEL = "smollm2"
 
 
 @dataclass(frozen=True)
@@ -47,6 +43,9 @@ EMBEDDED = {
 
 @dataclass
 class Source:
+    """The model to compress, loaded (load_source): a float32 torch model, its tokenizer, and
+    where its metadata comes from."""
+
     model: object  # transformers PreTrainedModel, float32, on CPU (or placed by an accelerate device map)
     tokenizer: object
     model_type: str
@@ -59,6 +58,7 @@ class Source:
 
     @property
     def n_layer(self) -> int:
+        """Decoder blocks."""
         return len(self.model.model.layers)
 
 
@@ -77,22 +77,17 @@ def embedded_path(name: str, cache_dir: Path | None = None) -> Path:
         if not path.is_file():
             raise UserError(f"embedded model file missing: {path}")
         return path
-    from .llama_source import cache_root
+    from .llamacpp_tree import cache_root
 
     path = Path(cache_dir or cache_root()) / "embedded" / emb.filename
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         module = importlib.import_module(emb.package)
-        module.assemble(tmp, overwrite=True)  # checks the chunks' sha256
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: module.assemble(tmp, overwrite=True))  # checks the chunks' sha256
     except (ImportError, OSError, ValueError) as e:  # a missing chunk package, a bad checksum, a full disk
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot assemble embedded model '{name}' from {emb.dist}: {msg}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -113,6 +108,8 @@ def fingerprint_file(path: Path, h=None) -> str:
 
 
 def fingerprint_dir(path: Path) -> str:
+    """sha256 over the names and contents (fingerprint_file) of a Hugging Face folder's .json, .safetensors,
+    .bin and .model files."""
     h = hashlib.sha256()
     for p in sorted(path.iterdir()):
         if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model"):
@@ -175,9 +172,7 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
         raise
     except Exception as e:  # transformers raises many types for unsupported or corrupt GGUFs
         raise UserError(f"cannot load {gguf_path} with transformers: {str(e).splitlines()[0]}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # another process may win the race: its copy is as good
         tied = getattr(model.config, "tie_word_embeddings", False)
         sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -185,12 +180,6 @@ def _gguf_to_hf_cache(gguf_path: Path, fp: str, cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except FileExistsError:  # another process won the race; its copy is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -284,18 +273,3 @@ def _check_gguf_arch(path: Path) -> None:
         raise UserError(f"{path} has no general.architecture")
     arch_spec(field.contents(), path.name)
 
-
-def describe(source: Source) -> dict:
-    c = source.model.config
-    return json.loads(
-        json.dumps(
-            {
-                "name": source.name,
-                "arch": source.arch,
-                "layers": c.num_hidden_layers,
-                "hidden": c.hidden_size,
-                "heads": c.num_attention_heads,
-                "kv_heads": c.num_key_value_heads,
-            }
-        )
-    )

@@ -42,6 +42,8 @@ def wiki_calibration() -> str:
 
 
 def read_text(path: Path) -> str:
+    """The file's text (UTF-8, undecodable bytes replaced); UserError when it is missing,
+    unreadable or empty."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -60,7 +62,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def calibration_windows(tokenizer, spec: str, n_samples: int, seqlen: int, seed: int, model=None) -> torch.Tensor:
-    """n_samples random windows of seqlen tokens, reproducible from the seed."""
+    """n_samples random windows of seqlen tokens, (n_samples, seqlen) int64, reproducible from the
+    seed: of the text file `spec` or, for "selfgen", of text sampled from `model`. Raises
+    UserError when the text is missing or too short for one window."""
     if n_samples < 1 or seqlen < 2:
         raise UserError("calibration needs at least 1 sample of at least 2 tokens")
     if spec == "selfgen":
@@ -111,6 +115,7 @@ def eval_windows(tokenizer, path: Path, ctx: int, chunks: int | None) -> torch.T
 
 
 def tokens_digest(t: torch.Tensor) -> str:
+    """16-hex-digit sha256 of a token tensor's bytes: part of every statistics cache key."""
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
 
 

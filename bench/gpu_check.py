@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from asvd2gguf import llamacpp  # noqa: E402
 from asvd2gguf.errors import UserError  # noqa: E402
-from asvd2gguf.llama_source import COMMIT, cache_root  # noqa: E402
+from asvd2gguf.llamacpp_tree import COMMIT, cache_root  # noqa: E402
 
 STEPS = ("env", "build", "convert", "compare", "backend-ops", "ppl", "bench")
 # Budgets (s) on a 16-core H200 host. Critical path: env + build + backend-ops + ppl + bench
@@ -1055,8 +1055,8 @@ def trim_gguf(src: Path, dst: Path, n_layer: int, embd_type: str = "q4_1") -> Pa
     import gguf
     import numpy as np
 
+    from asvd2gguf.ggml_quants import dequantize
     from asvd2gguf.gguf_fast import FastGGUFReader
-    from asvd2gguf.quants import dequantize
 
     r = FastGGUFReader(src)
     arch = r.fields["general.architecture"].contents()
@@ -1099,7 +1099,7 @@ def carry_main(argv: list[str]) -> int:
     ap.add_argument("--layers", type=int, default=CARRY_LAYERS)
     ap.add_argument("--limit-mib", type=float, default=CARRY_LIMIT_MIB)
     a = ap.parse_args(argv)
-    from asvd2gguf.llama_source import source_tree
+    from asvd2gguf.llamacpp_tree import source_tree
     from asvd2gguf.source import embedded_path
 
     dest = a.dest

@@ -82,7 +82,7 @@ def factor_errors(f16: Path) -> dict:
     import numpy as np
     import torch
 
-    from asvd2gguf import quants as Q
+    from asvd2gguf import ggml_quants as Q
 
     t = {x.name: x for x in gguf.GGUFReader(f16).tensors}
     pairs = [n[: -len(".lr_in.weight")] for n in t if n.endswith(".lr_in.weight")]

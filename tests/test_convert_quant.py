@@ -8,7 +8,7 @@ import pytest
 import torch
 from clitools import run_cli
 
-from asvd2gguf import quants as Q
+from asvd2gguf import ggml_quants as Q
 from asvd2gguf.analysis import AnalysisStore
 from asvd2gguf.arch import LINEARS, permute_rows_for_llama
 from asvd2gguf.convert import ConvertConfig, convert

@@ -126,12 +126,13 @@ def test_non_finite_factors_fall_back_to_dense(tiny_models, calib_text, cache_di
     monkeypatch.setattr(AnalysisStore, "factorization", poisoned)
     res = convert(ConvertConfig(model=str(tiny_models["llama"]), out=tmp_path / "o.gguf", calib=str(calib_text),
                                 calib_samples=4, calib_seqlen=64, cache_dir=cache_dir, ratio=0.6, device="cpu"))
-    assert res.fallbacks and not any(f.endswith("attn_k") for f in res.fallbacks)
+    assert res.fallbacks and not any(f.name.endswith("attn_k") for f in res.fallbacks)
+    assert {(f.reason, f.written) for f in res.fallbacks} == {("non-finite factors", "dense")}
     from asvd2gguf.gguf_read import describe_gguf
 
     info = describe_gguf(tmp_path / "o.gguf")
-    for name in res.fallbacks:
-        _, layer, key = name.split(".", 2)
+    for f in res.fallbacks:
+        _, layer, key = f.name.split(".", 2)
         assert info.ranks[key][int(layer)] == 0
     assert res.ratio == pytest.approx(info.ratio())
     assert np.isfinite(res.calib_ppl)
@@ -165,3 +166,32 @@ def test_sigkill_leaves_no_output_and_resumes(tiny_models, calib_text, tmp_path)
     assert len(list(sens.glob("*/*.pt"))) == 14  # 2 layers x 7 linears
     assert torch.load(next(iter(done)), weights_only=True)
     assert not [p for p in Path(tmp_path).iterdir() if p.name.startswith(".k.gguf.partial")]
+
+
+def test_non_finite_latent_factors_fall_back_to_the_exact_latent(tiny_models, calib_text, cache_dir, tmp_path,
+                                                                 monkeypatch):
+    """Under --kv a K/V linear must stay factored: non-finite factors give the exact pair A = I, B = W,
+    and the plan (metadata, achieved KV ratio) records its full width, as the tensors say."""
+    from asvd2gguf.analysis import AnalysisStore
+    from asvd2gguf.gguf_read import describe_gguf
+
+    real = AnalysisStore.factorization
+
+    def poisoned(self, layer, key):
+        f = real(self, layer, key)
+        if key == "attn_k":
+            f.U = f.U.clone()
+            f.U[0, 0] = float("nan")
+        return f
+
+    monkeypatch.setattr(AnalysisStore, "factorization", poisoned)
+    out = tmp_path / "o.gguf"
+    res = convert(ConvertConfig(model=str(tiny_models["llama"]), out=out, calib=str(calib_text), calib_samples=4,
+                                calib_seqlen=64, cache_dir=cache_dir, ratio=0.8, kv=0.75, device="cpu"))
+    assert [(f.name, f.reason, f.written) for f in res.fallbacks] == [
+        (f"blk.{i}.attn_k", "non-finite factors", "as the exact full-width latent") for i in range(2)]
+    info = describe_gguf(out)
+    m = info.shapes["attn_k"][0]
+    assert info.ranks["attn_k"] == res.ranks["attn_k"] == info.meta["asvd.rank.attn_k"] == [m, m]
+    assert res.kv == pytest.approx(info.kv_ratio()) and res.ratio == pytest.approx(info.ratio())
+    assert np.isfinite(res.calib_ppl)

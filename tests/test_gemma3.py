@@ -279,7 +279,7 @@ def test_embedded_model_is_assembled_once(monkeypatch, tmp_path):
 def test_llama_cpp_matches_stock_converter(files, gemma3_dir, text_small, tmp_path):
     """Our --ratio 1.0 file and llama.cpp's own convert_hf_to_gguf.py output give the same logits."""
     from asvd2gguf import llamacpp
-    from asvd2gguf.llama_source import source_tree
+    from asvd2gguf.llamacpp_tree import source_tree
 
     stock = tmp_path / "stock.gguf"
     subprocess.run([sys.executable, str(source_tree() / "convert_hf_to_gguf.py"), str(gemma3_dir), "--outtype", "f32",

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from asvd2gguf.allocate import Options, Unreachable, allocate
-from asvd2gguf.decompose import asvd_scale, break_even_rank, factorize, whitening_factor
+from asvd2gguf.allocate import RankCandidates, Unreachable, allocate
+from asvd2gguf.decompose import asvd_scale, factorize, whitening_factor
+from asvd2gguf.ranks import break_even_rank
 from asvd2gguf.sensitivity import interpolate, tail_curve
 
 
@@ -105,7 +106,7 @@ def _random_opts(n_lin=12, seed=0, kv=False):
         r = ranks if is_kv else np.append(ranks, 0)
         params = np.where(r == 0, m * n, r * (m + n))
         c = np.append(cost, 0.0) if not is_kv else cost
-        opts.append(Options(f"l{i}", r, params, r if is_kv else np.zeros_like(r), c))
+        opts.append(RankCandidates(f"l{i}", r, params, r if is_kv else np.zeros_like(r), c))
     return opts
 
 
@@ -141,7 +142,7 @@ def test_kv_width_budget_is_met():
 
 def test_flat_measured_curves_still_fill_the_budget():
     """A sweep flat at zero (truncation under the calibration noise) must not leave budget unspent."""
-    from asvd2gguf.convert import _tie_broken
+    from asvd2gguf.ranks import tie_broken
 
     rng = np.random.default_rng(1)
     m, n = 192, 256
@@ -151,14 +152,14 @@ def test_flat_measured_curves_still_fill_the_budget():
     curve = np.maximum(0.0, 1.0 - np.arange(full + 1) / 40)  # zero from rank 40 on
 
     def options(i, c):
-        return Options(f"l{i}", r, params, np.zeros_like(r), np.array([c[x] if x else 0.0 for x in r]))
+        return RankCandidates(f"l{i}", r, params, np.zeros_like(r), np.array([c[x] if x else 0.0 for x in r]))
 
     raw, tie = [], []
     for i in range(10):
         error = np.cumsum(rng.uniform(0.1, 1, full + 1)[::-1])[::-1]  # falls with rank
         error[-1] = 0
         raw.append(options(i, curve))
-        tie.append(options(i, _tie_broken(curve, error)))
+        tie.append(options(i, tie_broken(curve, error)))
     budget = int(0.6 * sum(int(o.params.max()) for o in raw))
     step = 8 * (m + n)
     assert allocate(raw, budget, 1 << 62).params < budget - 10 * step  # the flaw: budget left unspent

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_fixtures as fx  # noqa: E402
 
 from asvd2gguf import llamacpp  # noqa: E402
-from asvd2gguf.llama_source import source_tree  # noqa: E402
-from asvd2gguf.quants import NF4_ID  # noqa: E402
+from asvd2gguf.ggml_quants import NF4_ID  # noqa: E402
+from asvd2gguf.llamacpp_tree import source_tree  # noqa: E402
 
 pytestmark = pytest.mark.llama
 

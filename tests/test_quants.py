@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from asvd2gguf import ggml_quants as Q
 from asvd2gguf import llamacpp
-from asvd2gguf import quants as Q
 
 TYPES = ("q8_0", "iq4_nl", "nf4")
 

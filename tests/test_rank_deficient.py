@@ -17,12 +17,12 @@ import pytest
 import torch
 from clitools import run_cli
 
-from asvd2gguf.allocate import Options, allocate
+from asvd2gguf.allocate import RankCandidates, allocate
 from asvd2gguf.analysis import LinearInfo
-from asvd2gguf.convert import ConvertConfig, build_options
 from asvd2gguf.decompose import factorize
 from asvd2gguf.errors import UserError
 from asvd2gguf.gguf_read import describe_gguf, load_gguf_model
+from asvd2gguf.ranks import candidates
 from asvd2gguf.sensitivity import tail_curves
 
 METHODS = ("svd", "asvd", "whiten", "kfac")  # hybrid = kfac for K/V + whiten for the rest
@@ -84,7 +84,7 @@ def test_factors_of_a_rank_deficient_weight_are_finite_and_exact(method, kind, s
 
 def _opts(name, cost):
     r = np.array([32, 64, 0])
-    return Options(name, r, np.where(r == 0, 128 * 256, r * 384), np.zeros(3), np.asarray(cost, dtype=float))
+    return RankCandidates(name, r, np.where(r == 0, 128 * 256, r * 384), np.zeros(3), np.asarray(cost, dtype=float))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -101,12 +101,12 @@ def test_non_finite_curve_falls_back_to_the_exact_choice():
     good = {k: np.linspace(1, 0, p) for k in ("fisher", "error", "weight")}
     infos = [LinearInfo(0, "attn_v", 128, 256, bad), LinearInfo(0, "attn_q", 128, 256, bad),
              LinearInfo(0, "attn_k", 128, 256, good), LinearInfo(0, "ffn_up", 128, 256, good)]
-    cfg = ConvertConfig(model="x")
     for latent in (False, True):
-        notes: list[str] = []
-        opts = build_options(infos, cfg, latent, notes)
+        opts, notes = candidates(infos, "fisher", 32, latent)
         assert [o.ranks.tolist() for o in opts[:2]] == [[128] if latent else [0], [0]]
-        assert len(notes) == 2 and notes[0].startswith("blk.0.attn_v: non-finite fisher")
+        assert [(f.name, f.reason) for f in notes] == [("blk.0.attn_v", "non-finite fisher sensitivity curve"),
+                                                        ("blk.0.attn_q", "non-finite fisher sensitivity curve")]
+        assert notes[0].written == ("as the exact full-width latent" if latent else "dense")
         dense = sum(i.m * i.n for i in infos)
         a = allocate(opts, int(0.95 * dense), 192 if latent else 1 << 62)
         assert a.params <= 0.95 * dense

@@ -26,7 +26,7 @@ from asvd2gguf.convert import ConvertConfig, convert
 from asvd2gguf.errors import UserError
 from asvd2gguf.gguf_read import load_gguf_model, tensor_array
 from asvd2gguf.hf_donor import check_tensor_names
-from asvd2gguf.llama_source import source_tree
+from asvd2gguf.llamacpp_tree import source_tree
 from asvd2gguf.rope import base_inv_freq, gguf_rope_parameters, llama3_from_factors
 from asvd2gguf.source import load_source
 
@@ -271,10 +271,10 @@ def test_torch_and_llama_cpp_agree_on_a_scaled_gguf(member, rope_files, text_sma
     """A .gguf source with RoPE scaling (the stock converter's file): the torch model that is
     calibrated and scored gives llama-perplexity's perplexity within 0.1% on llama-perplexity's
     own tokens (ctx 256 > every member's original context: the scaling matters)."""
-    from asvd2gguf.perplexity import perplexity
+    from asvd2gguf.perplexity import torch_perplexity
 
     stock = rope_files[member]["stock"]
     windows = _llama_tokens(stock, text_small, 256, 2, tmp_path)
-    torch_ppl = perplexity(load_source(str(stock), cache_dir).model, windows, first=128)
+    torch_ppl = torch_perplexity(load_source(str(stock), cache_dir).model, windows, first=128)
     llama_ppl = llamacpp.perplexity(stock, text_small, ctx=256, chunks=2)["ppl"]
     assert abs(torch_ppl / llama_ppl - 1) < 1e-3, (torch_ppl, llama_ppl)

@@ -31,7 +31,7 @@ from runtime_tools import complete, kld_base, ppl  # noqa: E402
 
 from asvd2gguf import llamacpp  # noqa: E402
 from asvd2gguf.errors import UserError  # noqa: E402
-from asvd2gguf.quants import NF4_ID, NF4_LEGACY_ID  # noqa: E402
+from asvd2gguf.ggml_quants import NF4_ID, NF4_LEGACY_ID  # noqa: E402
 
 pytestmark = pytest.mark.llama
 
@@ -291,8 +291,8 @@ def test_nf4_legacy_id_read_in_asvd_files_only(bins, tiny, text_small, tmp_path)
     assert a["ppl"] == b["ppl"]  # the same bytes, read as the same type
 
     from asvd2gguf.errors import AsvdWarning
+    from asvd2gguf.ggml_quants import NF4
     from asvd2gguf.gguf_fast import FastGGUFReader
-    from asvd2gguf.quants import NF4
     with pytest.warns(AsvdWarning, match="old NF4 type id 43"):
         r = FastGGUFReader(legacy)
     assert all(t.tensor_type == NF4 for t in r.tensors if t.name.endswith(".lr_in.weight"))

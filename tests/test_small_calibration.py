@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from clitools import run_cli
 
-from asvd2gguf.allocate import Options, allocate
+from asvd2gguf.allocate import RankCandidates, allocate
 from asvd2gguf.analysis import LinearInfo
-from asvd2gguf.convert import ConvertConfig, _tie_broken, calibration_warning, convert
-from asvd2gguf.decompose import break_even_rank
+from asvd2gguf.calibrate import calibration_warning
+from asvd2gguf.convert import ConvertConfig, convert
+from asvd2gguf.ranks import break_even_rank, tie_broken
 
 HIDDEN, INTER, LAYERS, ALIGN = 256, 512, 2, 32
 DENSE = LAYERS * (2 * HIDDEN * HIDDEN + 2 * 128 * HIDDEN + 3 * HIDDEN * INTER)
@@ -34,14 +35,14 @@ def test_flat_zero_curves_past_the_gram_rank_still_fill_the_budget():
     curve = np.maximum(0.0, 1.0 - np.arange(full + 1) / 64)
 
     def options(i, c):
-        return Options(f"l{i}", r, params, np.zeros_like(r), np.array([c[x] if x else 0.0 for x in r]))
+        return RankCandidates(f"l{i}", r, params, np.zeros_like(r), np.array([c[x] if x else 0.0 for x in r]))
 
     old, new = [], []
     for i in range(8):
         weight = np.cumsum(rng.uniform(0.1, 1, full + 1)[::-1])[::-1]
         weight[-1] = 0
-        old.append(options(i, _tie_broken(curve, curve)))  # what the error tie-break alone gave
-        new.append(options(i, _tie_broken(curve, curve, weight)))
+        old.append(options(i, tie_broken(curve, curve)))  # what the error tie-break alone gave
+        new.append(options(i, tie_broken(curve, curve, weight)))
     budget = int(0.9 * sum(int(o.params.max()) for o in old))
     step = 32 * (m + n)
     assert allocate(old, budget, 1 << 62).params < budget - 10 * step  # the flaw

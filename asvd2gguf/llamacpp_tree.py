@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
+from .atomic import atomic_dir
 from .errors import UserError
 
 SDIST = "llama_cpp_python-0.3.36.tar.gz"
@@ -24,6 +24,7 @@ COMMIT = "0c1e570"
 
 
 def cache_root() -> Path:
+    """The cache folder: $ASVD2GGUF_CACHE, else ~/.cache/asvd2gguf (ConvertConfig.cache_dir's default)."""
     return Path(os.environ.get("ASVD2GGUF_CACHE", Path.home() / ".cache" / "asvd2gguf"))
 
 
@@ -64,8 +65,7 @@ def source_tree() -> Path:
         return dest
     archive = sdist_path()
     prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:  # another process may unpack it first; its copy is as good
         with tarfile.open(archive) as tf:
             members = []
             for m in tf.getmembers():
@@ -73,9 +73,4 @@ def source_tree() -> Path:
                     m.name = m.name[len(prefix):]
                     members.append(m)
             tf.extractall(tmp, members=members, filter="data")
-        os.replace(tmp, dest)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "CMakeLists.txt").is_file():
-            raise
     return dest

@@ -1,0 +1,73 @@
+"""The `asvd.*` GGUF keys: their names (the one table; docs/gguf-format.md lists their meaning)
+and the metadata `convert` writes.
+
+The writer (here), the reader (gguf_read, gguf_fast), `inspect` and `ppl` (cli) and the chat
+evaluation (chateval) use these names; the patched llama.cpp reads the same strings in C++
+(patches/), which cannot import them.
+"""
+
+from __future__ import annotations
+
+import gguf
+
+from .arch import LINEAR_KEYS, SPEC
+
+PREFIX = "asvd."
+FORMAT_VERSION = 1  # value of KEY_FORMAT_VERSION; its presence marks a file as ours
+KEY_FORMAT_VERSION = "asvd.format_version"
+KEY_METHOD = "asvd.method"
+KEY_ALPHA = "asvd.alpha"
+KEY_SCALING = "asvd.scaling"
+KEY_RANK_ALIGN = "asvd.rank_align"
+KEY_SENSITIVITY = "asvd.sensitivity"
+KEY_RATIO_TARGET = "asvd.ratio.target"
+KEY_RATIO_ACHIEVED = "asvd.ratio.achieved"
+KEY_PPL_TARGET = "asvd.ppl.target"
+KEY_PPL_CALIBRATION = "asvd.ppl.calibration"
+KEY_KV_TARGET = "asvd.kv.target"
+KEY_KV_ACHIEVED = "asvd.kv.achieved"
+KEY_KV_LATENT = "asvd.kv.latent"
+KEY_CALIBRATION = "asvd.calibration"
+KEY_QUANT = "asvd.quant"
+KEY_SIGMA_SPLIT = "asvd.sigma_split"
+RANK_PREFIX = "asvd.rank."  # + the linear's GGUF base name: rank per layer, 0 = dense
+
+
+def rank_key(gguf_name: str) -> str:
+    """The key of one block linear's per-layer ranks, e.g. rank_key("attn_k") = "asvd.rank.attn_k"."""
+    return RANK_PREFIX + gguf_name
+
+
+def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
+                  rank_table: dict[str, list[int]] | None, calib_ppl: float) -> dict:
+    """The asvd.* keys of a converted file: {key: (value, GGUFValueType)}, in the order written.
+
+    cfg: the ConvertConfig; calib_source: what the calibration windows were made of
+    (chat.calibration_tokens); ratio, kv: achieved (RankPlan); calib_ppl: calibration perplexity
+    of the written model (0 if not finite); rank_table: linear key -> rank per layer, or None
+    (--dense: the file has no factored linears and no asvd.rank.* keys).
+    """
+    V = gguf.GGUFValueType
+    calib_desc = f"{calib_source}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"
+    meta = {
+        KEY_FORMAT_VERSION: (FORMAT_VERSION, V.UINT32),
+        KEY_METHOD: (cfg.method, V.STRING),
+        KEY_ALPHA: (float(cfg.alpha), V.FLOAT32),
+        KEY_SCALING: (cfg.scaling, V.STRING),
+        KEY_RANK_ALIGN: (cfg.rank_align, V.UINT32),
+        KEY_SENSITIVITY: (f"{cfg.sensitivity}/{cfg.allocation}", V.STRING),
+        KEY_RATIO_TARGET: (float(cfg.ratio or 0.0), V.FLOAT32),
+        KEY_RATIO_ACHIEVED: (float(ratio), V.FLOAT32),
+        KEY_PPL_TARGET: (float(cfg.ppl_target or 0.0), V.FLOAT32),
+        KEY_PPL_CALIBRATION: (float(calib_ppl), V.FLOAT32),
+        KEY_KV_TARGET: (float(cfg.kv or 1.0), V.FLOAT32),
+        KEY_KV_ACHIEVED: (float(kv), V.FLOAT32),
+        KEY_KV_LATENT: (bool(latent), V.BOOL),
+        KEY_CALIBRATION: (calib_desc, V.STRING),
+        KEY_QUANT: (cfg.quant, V.STRING),
+        KEY_SIGMA_SPLIT: (cfg.sigma_split, V.STRING),
+    }
+    if rank_table is not None:
+        for k in LINEAR_KEYS:
+            meta[rank_key(SPEC[k].gguf)] = ([int(x) for x in rank_table[k]], V.ARRAY)
+    return meta
