@@ -138,6 +138,14 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
     out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
 
 
+def _positive(**counts: Optional[int]) -> None:
+    """Counts given on the command line must be at least 1 (None: not given). A 0 would reach the
+    tools as "no limit" (llama-perplexity without --chunks scores the whole file)."""
+    for name, v in counts.items():
+        if v is not None and v < 1:
+            fail(f"--{name} must be at least 1 (got {v})")
+
+
 @app.command()
 def ppl(
     model: str = typer.Argument(..., help="A GGUF (factored or not), Hugging Face folder, 'smollm2' or 'gemma3-270m'."),
@@ -156,6 +164,7 @@ def ppl(
 
     if ctx < 2:
         fail("--ctx must be at least 2")
+    _positive(chunks=chunks, batch=batch)
     if model.endswith(".gguf") and Path(model).is_file() and _is_factored_or_ours(Path(model)):
         from .gguf_read import load_gguf_model
 
@@ -208,6 +217,8 @@ def build_llama(
     """Fetch the pinned llama.cpp, apply patches/, build it; the last line printed is the bin folder."""
     from . import llamacpp
 
+    if python and target:
+        raise UserError("--target picks tools of the llama.cpp build; --python builds the whole wheel")
     if python and (cuda or tests):
         # a UserError: main() prints it as one line and exits with status 1
         raise UserError("--python builds the CPU wheel alone: leave out --cuda and --tests")
@@ -215,7 +226,7 @@ def build_llama(
         def say(line: str) -> None:
             out_console.print(line, highlight=False, soft_wrap=True, markup=False)
 
-        p = llamacpp.plan(cuda=cuda, prefix=prefix, tests=tests)
+        p = llamacpp.plan(cuda=cuda, prefix=prefix, tests=tests, targets=target or None)
         say(f"llama.cpp {llamacpp.COMMIT} ({llamacpp.SDIST}), {'CUDA' if cuda else 'CPU'} build, key {p.key}")
         say(f"patches ({llamacpp.PATCH_DIR}):")
         for patch in p.patches:
@@ -258,6 +269,7 @@ def eval_cmd(
     """llama.cpp perplexity of FILE (and KL divergence against --base), or with --chat its chat scores."""
     if text is None and not chat:
         fail("give --text FILE (perplexity) or --chat (chat KLD and question score)")
+    _positive(ctx=ctx, chunks=chunks, threads=threads)
     for p in (file,) + ((text,) if text else ()):
         if not p.is_file():
             fail(f"file not found: {p}")
@@ -301,9 +313,9 @@ def main() -> None:
         console.print("[bold red]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # click usage errors and anything unexpected: still one line
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # usage errors: click's ClickException, or typer's vendored copy of it (typer >= 0.2x
+        # ships its own click, whose classes are not click's): told apart by their interface
+        if callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int):
             console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if os.environ.get("ASVD2GGUF_DEBUG"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .errors import UserError
 from .ggml_quants import tensor_type
 from .gguf_keys import KEY_FORMAT_VERSION
 
@@ -91,7 +92,18 @@ class FastGGUFReader:
     """Fields and tensors of a GGUF file; `stop_after` ends the header parse at that key."""
 
     def __init__(self, path: str | Path, stop_after: str | None = None):
+        """Raises UserError naming the file when it is not a GGUF or is cut short or corrupt
+        anywhere in its header or data: one rule for every caller (convert, inspect, eval)."""
         self.path = Path(path)
+        try:
+            self._parse(stop_after)
+        except (struct.error, ValueError, IndexError, KeyError, OverflowError, MemoryError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, struct.error | IndexError | OverflowError | MemoryError):
+                why = f"truncated or corrupt header: {why}"
+            raise UserError(f"not a readable GGUF file: {self.path} ({why})") from None
+
+    def _parse(self, stop_after: str | None) -> None:
         self.data = np.memmap(self.path, mode="r")
         c = _Cursor(self.data)
         if bytes(self.data[:4]) != b"GGUF":

@@ -30,6 +30,8 @@ def open_gguf(path: Path) -> FastGGUFReader:
         raise UserError(f"GGUF file not found: {path}")
     try:
         return FastGGUFReader(path)
+    except UserError:
+        raise
     except Exception as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"not a readable GGUF file: {path} ({why})") from None

@@ -569,6 +569,24 @@ def kv_cache_mib(model: Path, ctx: int = 8192, env: dict | None = None, extra: S
     return res["kv_mib"]
 
 
+def _check_same_vocab(model: Path, base: Path) -> None:
+    """KL divergence compares two distributions over one vocabulary: refuse a base whose tokenizer
+    differs (llama-perplexity aborts on it with a token id out of range, or compares unrelated
+    tokens when the sizes happen to match). Raises UserError naming both files."""
+    from .gguf_fast import FastGGUFReader
+
+    def vocab(path: Path) -> tuple:
+        f = FastGGUFReader(path, stop_after="tokenizer.ggml.tokens").fields
+        tokens = f["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in f else []
+        model_kind = f["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in f else None
+        return model_kind, len(tokens), hashlib.sha256("\0".join(tokens).encode()).hexdigest()
+
+    (mk, mn, mh), (bk, bn, bh) = vocab(model), vocab(base)
+    if mh != bh:
+        raise UserError(f"{base.name} is not a base for {model.name}: their tokenizers differ ({bk}, {bn} tokens "
+                        f"against {mk}, {mn}); KL divergence needs the same vocabulary")
+
+
 def _kl_base_logits(exe: Path, base: Path, text: Path, ctx: int, chunks: int | None, threads: int,
                     extra: Iterable[str]) -> Path:
     """Base-model logits for --kl-divergence, computed once and cached by their inputs."""
@@ -602,6 +620,11 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     for p, what in ((model, "model"), (text, "text")):
         if not p.is_file():
             raise UserError(f"{what} file not found: {p}")
+    if ctx < 1 or (chunks is not None and chunks < 1):
+        # llama-perplexity takes a missing --chunks as "the whole file": 0 must not mean that
+        raise UserError(f"ctx and chunks must be at least 1 (got ctx {ctx}, chunks {chunks})")
+    if kl_base is not None and Path(kl_base).suffix == ".gguf" and Path(kl_base).is_file():
+        _check_same_vocab(model, Path(kl_base))
     exe = Path(bins) / "llama-perplexity" if bins else binary("llama-perplexity")
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:

@@ -266,6 +266,8 @@ def _check_gguf_arch(path: Path) -> None:
     """Fail early, before a slow dequantization, on a GGUF whose architecture we do not support."""
     try:
         reader = FastGGUFReader(path, stop_after="general.architecture")
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read GGUF {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     field = reader.fields.get("general.architecture")

@@ -18,6 +18,7 @@ from clitools import run_cli
 
 from asvd2gguf import cache
 from asvd2gguf.convert import ConvertConfig, convert
+from asvd2gguf.errors import UserError
 
 
 def _assert_one_line_error(code, err, fragment):
@@ -43,6 +44,8 @@ def _tiny_args(tiny_models, calib_text, cache_dir, out, *extra):
     (["convert", "smollm2", "--method", "magic"], "unknown --method"),
     (["ppl", "smollm2", "--text", "x.txt", "--ctx", "1"], "--ctx must be at least 2"),  # fail() inside a command
     (["inspect", "/nonexistent.gguf"], "GGUF file not found"),
+    (["convert", "smollm2", "--calib-samples", "abc"], "--calib-samples"),  # the parser's own errors: one line
+    (["convert", "smollm2", "--no-such-option"], "--no-such-option"),
     (["ppl", "/nonexistent.gguf", "--text", "/nonexistent.txt"], "not found"),
 ])
 def test_argument_errors(args, fragment, capsys):
@@ -195,3 +198,75 @@ def test_non_finite_latent_factors_fall_back_to_the_exact_latent(tiny_models, ca
     assert info.ranks["attn_k"] == res.ranks["attn_k"] == info.meta["asvd.rank.attn_k"] == [m, m]
     assert res.kv == pytest.approx(info.kv_ratio()) and res.ratio == pytest.approx(info.ratio())
     assert np.isfinite(res.calib_ppl)
+
+
+def _small_gguf(path, tokens, arch="llama"):
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_tensor("token_embd.weight", np.arange(len(tokens) * 8, dtype=np.float32).reshape(len(tokens), 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_truncated_gguf_at_every_part(tmp_path, capsys):
+    """A GGUF cut short anywhere (magic, counts, a key, the token array, tensor infos, the data) is
+    refused in one line by every command that reads one, and convert writes nothing."""
+    whole = _small_gguf(tmp_path / "whole.gguf", [f"tok{i}" for i in range(300)]).read_bytes()
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    for cut in (3, 10, 20, 60, 200, 2000, len(whole) - 100):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(whole[:cut])
+        out = tmp_path / f"out{cut}.gguf"
+        for cmd in (["convert", p, "--out", out], ["inspect", p]):
+            code, _, err = run_cli(cmd, capsys)
+            assert code == 1, (cut, cmd[0], err)
+            _assert_one_line_error(code, err, p.name)
+            assert "internal error" not in err
+        assert not out.exists() and not list(tmp_path.glob(f"out{cut}*"))
+
+
+@pytest.mark.parametrize("args", [["--chunks", "0"], ["--ctx", "0"], ["--chunks", "-1"], ["--threads", "0"]])
+def test_eval_counts_must_be_positive(tmp_path, capsys, args):
+    """--chunks 0 used to run llama-perplexity over the whole file (a missing --chunks means all)."""
+    model = _small_gguf(tmp_path / "m.gguf", ["a", "b"])
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    code, _, err = run_cli(["eval", model, "--text", text, *args], capsys)
+    _assert_one_line_error(code, err, args[0])
+
+
+def test_llama_perplexity_refuses_zero_chunks_and_other_vocabularies(tmp_path):
+    from asvd2gguf import llamacpp
+
+    model = _small_gguf(tmp_path / "m.gguf", ["a", "b", "c"])
+    same = _small_gguf(tmp_path / "same.gguf", ["a", "b", "c"])
+    other = _small_gguf(tmp_path / "other.gguf", ["a", "b", "d"])
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(UserError, match="chunks must be at least 1"):
+        llamacpp.perplexity(model, text, chunks=0)
+    with pytest.raises(UserError, match="other.gguf is not a base for m.gguf: their tokenizers differ"):
+        llamacpp.perplexity(model, text, chunks=1, kl_base=other)
+    llamacpp._check_same_vocab(model, same)  # same tokens: accepted
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["build-llama", "--dry-run", "--target", "nonsense"], "unknown llama.cpp build target"),
+    (["build-llama", "--python", "--target", "llama-cli"], "--target picks tools"),
+    (["build-llama", "--python", "--dry-run", "--target", "llama-cli"], "--target picks tools"),
+])
+def test_build_llama_target_checked_everywhere(args, fragment, capsys):
+    code, _, err = run_cli(args, capsys)
+    _assert_one_line_error(code, err, fragment)
+
+
+def test_build_llama_dry_run_lists_the_chosen_targets(capsys):
+    code, out, err = run_cli(["build-llama", "--dry-run", "--target", "llama-bench"], capsys)
+    assert code == 0, err
+    assert "targets: llama-bench\n" in out
