@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
+from asvd2gguf.errors import UserError
 from asvd2gguf.gguf_fast import FastGGUFReader
 
 
@@ -53,9 +54,13 @@ def test_rejects_bad_and_truncated_files(tmp_path):
     _write(p)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGML" + p.read_bytes()[4:])
-    with pytest.raises(ValueError, match="magic"):
+    with pytest.raises(UserError, match="not a readable GGUF file: .*bad.gguf .*magic"):
         FastGGUFReader(bad)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(p.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="past the end"):
+    with pytest.raises(UserError, match="past the end"):
         FastGGUFReader(cut)
+    head = tmp_path / "head.gguf"
+    head.write_bytes(p.read_bytes()[:30])
+    with pytest.raises(UserError, match="truncated or corrupt header"):
+        FastGGUFReader(head)
