@@ -21,13 +21,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_atomic
+from .atomic import atomic_dir, write_atomic
 from .errors import UserError
 from .llamacpp_tree import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
@@ -456,8 +455,7 @@ def _prepare_python(root: Path, console) -> Path:
     py.parent.mkdir(parents=True, exist_ok=True)
     prefix = SDIST.removesuffix(".tar.gz") + "/"
     vendor = prefix + "vendor/llama.cpp/"
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=py.parent))
-    with tarfile.open(sdist_path()) as tf:
+    with atomic_dir(py) as tmp, tarfile.open(sdist_path()) as tf:
         members = []
         for m in tf.getmembers():
             if m.name.startswith(prefix) and not m.name.startswith(vendor) and m.name != vendor.rstrip("/") \
@@ -466,9 +464,9 @@ def _prepare_python(root: Path, console) -> Path:
                 if m.name:
                     members.append(m)
         tf.extractall(tmp, members=members, filter="data")
-    (tmp / "vendor").mkdir(exist_ok=True)
-    (tmp / "vendor" / "llama.cpp").symlink_to(os.path.relpath(src, tmp / "vendor"))
-    os.replace(tmp, py)
+        (tmp / "vendor").mkdir(exist_ok=True)
+        # relative to py/vendor once renamed (tmp is py's sibling, so the same path)
+        (tmp / "vendor" / "llama.cpp").symlink_to(os.path.relpath(src, tmp / "vendor"))
     stamp.write_text(SDIST_SHA256)
     return py
 
