@@ -156,11 +156,16 @@ def write_factored(
             writer.add_key_value(k, v, VT.UINT32 if isinstance(v, int) else VT.FLOAT32)
     for name, arr in out.items():
         writer.add_tensor(name, np.ascontiguousarray(arr))
+    finish_gguf(writer)
+    return dst
+
+
+def finish_gguf(writer: gguf.GGUFWriter) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return dst
 
 
 def write_dense(src: Path, dst: Path, outtype: str = "f16") -> Path:
@@ -242,8 +247,5 @@ def write_tiny(arch: str, dst: Path, tokenizer_src: Path | None = None, n_layer:
         if extra.get("post_norms"):
             for norm in ("post_attention_norm", "post_ffw_norm"):
                 writer.add_tensor(p + norm + ".weight", (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return dst

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from clitools import run_cli
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf import chat, chateval
 from asvd2gguf.chateval import Question, is_correct, normalise, numbers
@@ -65,10 +66,7 @@ def test_chat_template_from_gguf_key(tok, tmp_path):
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_chat_template(TEMPLATE)
     w.add_tensor("x", np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     assert tok.chat_template is None
     assert chat.chat_template(tok, None) is None
     assert chat.chat_template(tok, path) == TEMPLATE
@@ -387,10 +385,7 @@ def _tiny_gguf(path, template: str | None = TEMPLATE):
     if template is not None:
         w.add_chat_template(template)
     w.add_tensor("x", np.zeros(4, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from clitools import run_cli
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf import cache
 from asvd2gguf.convert import ConvertConfig, convert
@@ -58,10 +59,7 @@ def test_unsupported_architecture_lists_supported(tmp_path, capsys):
     w = gguf.GGUFWriter(p, "gpt2")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     code, _, err = run_cli(["convert", str(p)], capsys)
     _assert_one_line_error(code, err, "unsupported architecture 'gpt2'")
     assert "llama" in err and "qwen2" in err and "qwen3" in err
@@ -206,10 +204,7 @@ def _small_gguf(path, tokens, arch="llama"):
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_tensor("token_embd.weight", np.arange(len(tokens) * 8, dtype=np.float32).reshape(len(tokens), 8))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

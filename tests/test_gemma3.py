@@ -18,8 +18,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from clitools import run_cli
+from clitools import run_cli, torch_llama_compat_ppl
 from conftest import WIKI, make_tiny
+from gguf_fixtures import finish_gguf
 from runtime_tools import complete, kld_base
 
 from asvd2gguf import source
@@ -231,10 +232,7 @@ def test_config_from_gguf_reads_llama_cpp_keys(files, tmp_path):
     w.add_float32("gemma3.rope.scaling.factor", 8.0)
     for t in src.tensors:  # all F32 in a --outtype f32 file
         w.add_tensor(t.name, np.asarray(t.data, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     cfg = config_from_gguf(out)
     assert cfg.layer_types == ["sliding_attention", "sliding_attention", "full_attention"] * 2
     assert cfg.final_logit_softcapping == 30.0
@@ -297,10 +295,7 @@ def test_llama_cpp_factored_dense_twin_torch(files, text_small, capsys):
     fac = llamacpp.perplexity(files["r07"], text_small, ctx=128, chunks=3)
     twin = llamacpp.perplexity(files["r07_dense"], text_small, ctx=128, chunks=3)
     assert abs(fac["ppl"] / twin["ppl"] - 1) < 1e-3
-    code, out, err = run_cli(["ppl", files["r07"], "--text", text_small, "--ctx", "128", "--chunks", "3",
-                              "--llama-compat"], capsys)
-    assert code == 0, err
-    assert float(out.strip().splitlines()[-1].split("=")[1]) == pytest.approx(fac["ppl"], rel=0.01)
+    assert torch_llama_compat_ppl(files["r07"], text_small, 128, 3, capsys) == pytest.approx(fac["ppl"], rel=0.01)
     assert describe_gguf(files["kv05"]).kv_ratio() <= 0.5
 
 
@@ -331,10 +326,7 @@ def test_llama_cpp_reads_the_written_pattern(alt_pattern, text_small, capsys):
 
     _, out = alt_pattern
     ref = llamacpp.perplexity(out, text_small, ctx=128, chunks=3)["ppl"]
-    code, stdout, err = run_cli(["ppl", out, "--text", text_small, "--ctx", "128", "--chunks", "3", "--llama-compat"],
-                                capsys)
-    assert code == 0, err
-    assert float(stdout.strip().splitlines()[-1].split("=")[1]) == pytest.approx(ref, rel=0.01)
+    assert torch_llama_compat_ppl(out, text_small, 128, 3, capsys) == pytest.approx(ref, rel=0.01)
 
 
 # ---------------------------------------------------------------- the real Gemma 3 270M (slow)
@@ -373,10 +365,7 @@ def test_gemma3_270m_torch_and_llama_perplexity_agree(gemma3_270m, capsys):
 
     out, _ = gemma3_270m
     text = WIKI / "wiki.test.raw"
-    code, stdout, stderr = run_cli(["ppl", str(out), "--text", str(text), "--ctx", "512", "--chunks", "4",
-                                    "--llama-compat"], capsys)
-    assert code == 0, stderr
-    torch_ppl = float(stdout.strip().splitlines()[-1].split("=")[1])
+    torch_ppl = torch_llama_compat_ppl(out, text, 512, 4, capsys)
     assert torch_ppl == pytest.approx(llamacpp.perplexity(out, text, ctx=512, chunks=4)["ppl"], rel=0.01)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf.errors import UserError
 from asvd2gguf.gguf_fast import FastGGUFReader
@@ -26,10 +27,7 @@ def _write(path):
     q = gguf.quants.quantize(rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("c.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     w.add_tensor("d.bias", rng.standard_normal(7).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 def test_same_as_gguf_py(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gguf_fixtures as fx  # noqa: E402
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf import llamacpp  # noqa: E402
 from asvd2gguf.errors import UserError  # noqa: E402
@@ -152,10 +153,7 @@ def _write(path: Path, tensors: dict[str, np.ndarray]) -> Path:
     w.add_block_count(1)
     for name, arr in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(arr))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 

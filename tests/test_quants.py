@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf import ggml_quants as Q
 from asvd2gguf import llamacpp
@@ -125,10 +126,7 @@ def test_gguf_reader_round_trip_nf4(tmp_path):
     q = Q.quantize_nf4(x)
     w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
     w.add_tensor("t.weight", q.data.numpy(), raw_dtype=Q.NF4)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     t = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
     assert t.tensor_type == Q.NF4 and [int(d) for d in t.shape] == [64, 8]
     np.testing.assert_array_equal(Q.dequantize(t.data, t.tensor_type), Q.dequantize_torch(q).numpy())

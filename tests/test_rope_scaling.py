@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_fixtures import finish_gguf
 
 from asvd2gguf import llamacpp
 from asvd2gguf.convert import ConvertConfig, convert
@@ -106,10 +107,7 @@ def _gguf_with(tmp_path: Path, kv: dict, rope_freqs: np.ndarray | None = None):
                         if isinstance(v, float) else gguf.GGUFValueType.UINT32)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return gguf.GGUFReader(path)
 
 

@@ -50,15 +50,12 @@ def test_file_runs_in_torch(smollm2_file):
 @pytest.mark.llama
 def test_torch_and_llama_perplexity_agree(smollm2_file, capsys):
     """Issue 3 test 2: `ppl --llama-compat` and the patched llama-perplexity, same file and text, within 1%."""
-    from clitools import run_cli
+    from clitools import torch_llama_compat_ppl
 
     from asvd2gguf import llamacpp
 
     out, _ = smollm2_file
     text = WIKI / "wiki.test.raw"
-    code, stdout, stderr = run_cli(["ppl", str(out), "--text", str(text), "--ctx", "512", "--chunks", "4",
-                                    "--llama-compat"], capsys)
-    assert code == 0, stderr
-    torch_ppl = float(stdout.strip().splitlines()[-1].split("=")[1])
+    torch_ppl = torch_llama_compat_ppl(out, text, 512, 4, capsys)
     llama_ppl = llamacpp.perplexity(out, text, ctx=512, chunks=4)["ppl"]
     assert torch_ppl == pytest.approx(llama_ppl, rel=0.01)
