@@ -44,17 +44,23 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("bench-out"))
     ap.add_argument("--log", type=Path, default=Path("bench-out/ppl_table.jsonl"))
     ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--bos", action="store_true",
+                    help="cut windows as llama-perplexity does: BOS in place of each window's first token (Gemma)")
+    ap.add_argument("--reuse", action="store_true", help="score an existing output file instead of converting again")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     from asvd2gguf.gguf_read import load_gguf_model
     from asvd2gguf.perplexity import mean_loss
     from asvd2gguf.source import load_source
-    from asvd2gguf.text import eval_windows
+    from asvd2gguf.text import eval_windows, llama_windows
 
     cache = args.cache_dir or Path.home() / ".cache" / "asvd2gguf"
     tok = load_source(args.model, cache).tokenizer
-    windows = eval_windows(tok, WIKI / "wiki.test.raw", 512, args.chunks)
+    if args.bos:
+        windows = llama_windows(tok, WIKI / "wiki.test.raw", 512, args.chunks, True, tok.bos_token_id)
+    else:
+        windows = eval_windows(tok, WIKI / "wiki.test.raw", 512, args.chunks)
     rows = []
     for spec in args.rows:
         r = parse_row(spec)
@@ -67,20 +73,22 @@ def main() -> None:
         if r["kv"]:
             cmd += ["--kv", str(r["kv"])]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        t = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        secs = time.time() - t
+        secs = None
+        if not (args.reuse and out.exists()):
+            t = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            secs = round(time.time() - t, 1)
+            if res.returncode != 0:
+                print(f"{name}: convert failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if res.returncode != 0:
-            print(f"{name}: convert failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
-            continue
         model, _, info = load_gguf_model(out, with_tokenizer=False)
         ppl = math.exp(mean_loss(model, windows))
         row = {"row": spec, "method": r["method"], "ratio_target": r["ratio"], "kv_target": r["kv"],
                "ratio": round(info.ratio(), 4), "kv": round(info.kv_ratio(), 4), "ppl": round(ppl, 3),
-               "convert_s": round(secs, 1), "peak_rss_mib_max_so_far": round(max(rss, before) / 1024),
+               "convert_s": secs, "file": str(out), "peak_rss_mib_max_so_far": round(max(rss, before) / 1024),
                "calib": f"wiki.valid.tokens {args.samples}x{args.seqlen} seed 233",
-               "eval": f"wiki.test.raw {args.chunks}x512"}
+               "eval": f"wiki.test.raw {args.chunks}x512" + (" BOS per window" if args.bos else "")}
         rows.append(row)
         with open(args.log, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -44,6 +44,9 @@ struct ggml_tensor * ggml_lowrank_attn(
         struct ggml_tensor  * pos,
         struct ggml_tensor  * mask,
         struct ggml_tensor  * b_k,
+        bool                  k_norm,
+        struct ggml_tensor  * k_norm_w,
+        float                 k_norm_eps,
         struct ggml_tensor  * freq_factors,
         float                 scale,
         int                   n_dims,
@@ -71,13 +74,16 @@ struct ggml_tensor * ggml_lowrank_attn(
     GGML_ASSERT(mask->ne[0] == n_kv && mask->ne[1] >= n_tokens);
     GGML_ASSERT(mask->ne[3] == 1 || mask->ne[3] == n_stream);
     GGML_ASSERT(b_k == NULL || (b_k->type == GGML_TYPE_F32 && ggml_nelements(b_k) == a_k->ne[1]));
+    GGML_ASSERT(k_norm_w == NULL || (k_norm && k_norm_w->type == GGML_TYPE_F32 && ggml_nelements(k_norm_w) == n_embd_head &&
+                                     ggml_is_contiguous(k_norm_w)));
+    GGML_ASSERT(!k_norm || k_norm_eps >= 0.0f);
     GGML_ASSERT(freq_factors == NULL || (freq_factors->type == GGML_TYPE_F32 && freq_factors->ne[0] >= n_dims/2));
     GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
     GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= n_embd_head);
 
     struct ggml_tensor * result = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, c_v->ne[0], n_tokens, n_head, n_stream);
 
-    int32_t params[10];
+    int32_t params[GGML_LOWRANK_ATTN_N_PARAMS];
     params[GGML_LOWRANK_ATTN_N_DIMS]     = n_dims;
     params[GGML_LOWRANK_ATTN_MODE]       = mode;
     params[GGML_LOWRANK_ATTN_N_CTX_ORIG] = n_ctx_orig;
@@ -88,6 +94,8 @@ struct ggml_tensor * ggml_lowrank_attn(
     memcpy(params + GGML_LOWRANK_ATTN_ATTN_FACTOR, &attn_factor, sizeof(float));
     memcpy(params + GGML_LOWRANK_ATTN_BETA_FAST,   &beta_fast,   sizeof(float));
     memcpy(params + GGML_LOWRANK_ATTN_BETA_SLOW,   &beta_slow,   sizeof(float));
+    params[GGML_LOWRANK_ATTN_K_NORM] = k_norm ? 1 : 0;
+    memcpy(params + GGML_LOWRANK_ATTN_K_NORM_EPS,  &k_norm_eps,  sizeof(float));
     ggml_set_op_params(result, params, sizeof(params));
 
     result->op     = GGML_OP_LOWRANK_ATTN;
@@ -99,6 +107,7 @@ struct ggml_tensor * ggml_lowrank_attn(
     result->src[5] = mask;
     result->src[6] = b_k;
     result->src[7] = freq_factors;
+    result->src[8] = k_norm_w;
 
     return result;
 }

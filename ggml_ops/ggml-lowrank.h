@@ -41,8 +41,10 @@ extern "C" {
             struct ggml_tensor  * c);
 
     // Attention of a few query tokens (decoding) over a latent KV cache, in one op: for every
-    // cached cell j, K_j = RoPE(a_k c_k[j] + b_k, pos[j]) is rebuilt on the fly per KV head (never
-    // stored), s = scale * q . K_j + mask, and the softmax weights sum the latent V rows c_v[j].
+    // cached cell j, K_j = RoPE(norm(a_k c_k[j] + b_k), pos[j]) is rebuilt on the fly per KV head
+    // (never stored), s = scale * q . K_j + mask, and the softmax weights sum the latent V rows
+    // c_v[j]. norm is the identity, or with k_norm a per-head RMSNorm (qwen3's and gemma3's
+    // k-norm: x / sqrt(mean(x^2) + k_norm_eps), times k_norm_w when given).
     // The result stays latent (r_v wide): multiplying by A_v, viewed per KV group, gives the
     // heads' outputs. Separate ops would write K (n_kv x n_embd_k_gqa) to memory, cast it, RoPE
     // it and read it again for every layer and token; here each cell is touched once.
@@ -52,7 +54,8 @@ extern "C" {
     //   c_v:   [r_v, n_kv, n_stream] latent V cache (view)
     //   pos:   I32 [n_kv*n_stream] each cell's position
     //   mask:  [n_kv, >= n_tokens, 1, 1 or n_stream] F16 or F32 (-INF: masked)
-    //   b_k:   F32 [n_embd_head*n_head_kv] k_proj bias, added before RoPE, or NULL
+    //   b_k:   F32 [n_embd_head*n_head_kv] k_proj bias, added before the norm and RoPE, or NULL
+    //   k_norm_w: F32 [n_embd_head] weight of the per-head RMSNorm (shared by the KV heads), or NULL
     //   freq_factors: RoPE frequency factors (as ggml_rope_ext) or NULL
     //   mode: GGML_ROPE_TYPE_NORMAL or GGML_ROPE_TYPE_NEOX
     // result: [r_v, n_tokens, n_head, n_stream] F32
@@ -65,6 +68,9 @@ extern "C" {
             struct ggml_tensor  * pos,
             struct ggml_tensor  * mask,
             struct ggml_tensor  * b_k,
+            bool                  k_norm,
+            struct ggml_tensor  * k_norm_w,
+            float                 k_norm_eps,
             struct ggml_tensor  * freq_factors,
             float                 scale,
             int                   n_dims,
@@ -78,7 +84,8 @@ extern "C" {
             float                 beta_slow);
 
     // op_params of GGML_OP_LOWRANK_ATTN: int32 n_dims, mode, n_ctx_orig, then float scale,
-    // freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
+    // freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow, then int32 k_norm
+    // (1: RMSNorm per head) and float k_norm_eps
     enum ggml_lowrank_attn_param {
         GGML_LOWRANK_ATTN_N_DIMS,
         GGML_LOWRANK_ATTN_MODE,
@@ -90,6 +97,9 @@ extern "C" {
         GGML_LOWRANK_ATTN_ATTN_FACTOR,
         GGML_LOWRANK_ATTN_BETA_FAST,
         GGML_LOWRANK_ATTN_BETA_SLOW,
+        GGML_LOWRANK_ATTN_K_NORM,
+        GGML_LOWRANK_ATTN_K_NORM_EPS,
+        GGML_LOWRANK_ATTN_N_PARAMS,
     };
 
     // per rotated pair i (n_dims/2 of them) the angle per position step, and the magnitude

@@ -269,7 +269,8 @@ def test_latent_fused_attention_matches_unfused(tiny, text_small, arch):
     """The fused op (ggml_lowrank_attn: K rebuilt, RoPE'd and scored per cell, latent V summed)
     equals the unfused fold (ASVD_LATENT_FUSED=0). -b 8: the runtime's own choice for small
     batches (one stream); forced with -b 512: four sequences in four streams. Also with q8_0
-    latents (dequantized in the kernel). qwen3's k-norm is not fusable: it must still run."""
+    latents (dequantized in the kernel). qwen3's and gemma3's k-norm (a per-head RMSNorm with its
+    weight) runs inside the op; gemma3's sliding-window layers pass their own mask and RoPE base."""
     model = tiny[arch]["kv"]
     for fa in ("on", "off"):
         for b, env in (("8", {}), ("512", {"ASVD_LATENT_V": "fold"})):
@@ -279,6 +280,21 @@ def test_latent_fused_attention_matches_unfused(tiny, text_small, arch):
                                  dict(env, ASVD_LATENT_FUSED="0"), "-fa", fa, "-b", b, *cache)
                 r = ppl(model, text_small, kl_base=base, extra=["-fa", fa, "-b", b, *cache], env=env)
                 assert r["kld"] < 1e-4, (arch, fa, b, ct, r)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_latent_decoding_takes_the_fused_op(tiny, arch):
+    """Decoding a latent file runs GGML_OP_LOWRANK_ATTN in every architecture's graph, the k-norm
+    ones (qwen3, gemma3) included, and ASVD_LATENT_FUSED=0 takes it out. The scheduler's debug
+    listing (GGML_SCHED_DEBUG=2 with -v) names every node's op; the speed this buys is in
+    docs/runtime.md and docs/results.md."""
+    model = tiny[arch]["kv"]
+    args = ("-p", "Once upon a time", "-n", "3", "-c", "64")
+    fused = _complete(model, *args, env={"GGML_SCHED_DEBUG": "2"})
+    assert "LOWRANK_AT" in fused.stderr, arch
+    unfused = _complete(model, *args, env={"GGML_SCHED_DEBUG": "2", "ASVD_LATENT_FUSED": "0"})
+    assert "LOWRANK_AT" not in unfused.stderr and "k_rebuilt" in unfused.stderr, arch
+    assert fused.stdout == unfused.stdout  # greedy text: the same tokens either way
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

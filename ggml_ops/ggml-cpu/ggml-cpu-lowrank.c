@@ -6,6 +6,9 @@
 // unfused matmul it replaces). Threads split the cached cells. For each cell a thread rebuilds
 // K, adds the bias, applies RoPE, scores every query head of every token against it and folds
 // the cell into a running softmax over the latent V (online softmax, as flash attention does).
+// With a k-norm (qwen3, gemma3) each head's slice of K is RMS-normalised (and scaled by the norm
+// weight) between the bias and RoPE, with the sums of ggml's rms_norm, so the chain is the one
+// the model's graph builds.
 // Each thread keeps its own (max, sum, accumulator) per query row; after a barrier the threads
 // merge them, each merging a share of the rows.
 //
@@ -149,6 +152,7 @@ void ggml_compute_forward_lowrank_attn(const struct ggml_compute_params * params
     const struct ggml_tensor * mask = dst->src[5];
     const struct ggml_tensor * b_k  = dst->src[6];
     const struct ggml_tensor * ff   = dst->src[7];
+    const struct ggml_tensor * kn_w = dst->src[8];
 
     GGML_ASSERT(q->nb[0] == sizeof(float));
     GGML_ASSERT(c_k->nb[0] == ggml_type_size(c_k->type) && c_v->nb[0] == ggml_type_size(c_v->type));
@@ -160,6 +164,8 @@ void ggml_compute_forward_lowrank_attn(const struct ggml_compute_params * params
 
     const int mode = ggml_get_op_params_i32(dst, GGML_LOWRANK_ATTN_MODE);
     const float scale = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_SCALE);
+    const bool  k_norm     = ggml_get_op_params_i32(dst, GGML_LOWRANK_ATTN_K_NORM) != 0;
+    const float k_norm_eps = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_K_NORM_EPS);
     const int64_t n_pair = sh.n_dims/2;
     const int64_t gqa    = sh.n_head/(sh.n_out/sh.d);
 
@@ -240,6 +246,22 @@ void ggml_compute_forward_lowrank_attn(const struct ggml_compute_params * params
             for (int n = 0; n < nc; ++n) {
                 const int64_t j = cells[n];
                 float * kc = k + n*sh.n_out;
+
+                if (k_norm) {
+                    // per head, as ggml_rms_norm then ggml_mul by the weight
+                    for (int64_t g = 0; g < sh.n_out/sh.d; ++g) {
+                        float * kg = kc + g*sh.d;
+                        ggml_float sum = 0.0;
+                        for (int64_t i = 0; i < sh.d; ++i) {
+                            sum += (ggml_float) (kg[i]*kg[i]);
+                        }
+                        const float mean = sum/sh.d;
+                        ggml_vec_scale_f32((int) sh.d, kg, 1.0f/sqrtf(mean + k_norm_eps));
+                        if (kn_w) {
+                            ggml_vec_mul_f32((int) sh.d, kg, kg, (const float *) kn_w->data);
+                        }
+                    }
+                }
 
                 // RoPE with the cell's position
                 if (j % LOWRANK_ATTN_ANCHOR == 0 || prev != j - 1 || p[j] != p[j - 1] + 1) {

@@ -3,7 +3,7 @@
 // Same math as the CPU kernel (ggml_ops/ggml-cpu/ggml-cpu-lowrank.c). The cells are split into
 // chunks; one block handles one chunk, one KV head and one stream, one thread per K dimension:
 // per cell it rebuilds that head's K slice from the latent (A_k in F16), adds the bias, applies
-// RoPE (theta = p * omega, as ggml's CUDA rope computes it in F32), scores the head's query
+// the per-head RMSNorm when the op has a k-norm (a block sum of squares), applies RoPE (theta = p * omega, as ggml's CUDA rope computes it in F32), scores the head's query
 // heads of every token and folds the latent V row into a running softmax whose (max, sum,
 // accumulator) rows live in a scratch buffer. A second kernel merges the chunks.
 // A_k of another type and quantized latents are converted to F16 first (ggml's converters).
@@ -23,7 +23,8 @@ struct lowrank_attn_args {
     int64_t q_nb1, q_nb2, q_nb3;                 // bytes
     int64_t ck_nb1, ck_nb2, cv_nb1, cv_nb2;      // bytes
     int64_t m_nb1, m_nb3, m_ne3;                 // bytes / planes
-    int     n_dims, neox, mask_f16;
+    int     n_dims, neox, mask_f16, k_norm;
+    float   k_norm_eps;
     float   scale, freq_base, freq_scale, ext_factor, mscale, corr0, corr1;
     int64_t chunk;                               // cells per chunk
 };
@@ -61,7 +62,8 @@ template <typename TC>
 static __global__ void lowrank_attn_partial(
         const char * __restrict__ q, const half * __restrict__ a_k, const TC * __restrict__ c_k, const TC * __restrict__ c_v,
         const int32_t * __restrict__ pos, const char * __restrict__ mask, const float * __restrict__ b_k,
-        const float * __restrict__ freq_factors, float * __restrict__ part, const lowrank_attn_args a) {
+        const float * __restrict__ freq_factors, const float * __restrict__ k_norm_w, float * __restrict__ part,
+        const lowrank_attn_args a) {
     extern __shared__ float smem[];
     float * ck_s  = smem;              // r_k
     float * cv_s  = ck_s + a.r_k;      // r_v
@@ -137,6 +139,13 @@ static __global__ void lowrank_attn_partial(
         }
         if (b_k) {
             kd += b_k[g*a.d + d];
+        }
+        if (a.k_norm) {
+            const float ss = lowrank_attn_block_sum(kd*kd, red);
+            kd *= rsqrtf(ss/a.d + a.k_norm_eps);
+            if (k_norm_w) {
+                kd *= k_norm_w[d];
+            }
         }
         k_s[d] = kd;
         __syncthreads();
@@ -280,6 +289,7 @@ void ggml_cuda_op_lowrank_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const ggml_tensor * mask = dst->src[5];
     const ggml_tensor * b_k  = dst->src[6];
     const ggml_tensor * ff   = dst->src[7];
+    const ggml_tensor * kn_w = dst->src[8];
     cudaStream_t stream = ctx.stream();
 
     GGML_ASSERT(ggml_cuda_lowrank_attn_supported(dst));
@@ -299,6 +309,8 @@ void ggml_cuda_op_lowrank_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     a.mask_f16 = mask->type == GGML_TYPE_F16;
     a.n_dims   = ggml_get_op_params_i32(dst, GGML_LOWRANK_ATTN_N_DIMS);
     a.neox     = ggml_get_op_params_i32(dst, GGML_LOWRANK_ATTN_MODE) == GGML_ROPE_TYPE_NEOX;
+    a.k_norm     = ggml_get_op_params_i32(dst, GGML_LOWRANK_ATTN_K_NORM);
+    a.k_norm_eps = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_K_NORM_EPS);
     a.scale      = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_SCALE);
     a.freq_base  = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_FREQ_BASE);
     a.freq_scale = ggml_get_op_params_f32(dst, GGML_LOWRANK_ATTN_FREQ_SCALE);
@@ -344,12 +356,13 @@ void ggml_cuda_op_lowrank_attn(ggml_backend_cuda_context & ctx, ggml_tensor * ds
     const size_t smem = (a.r_k + a.r_v + a.d + WARP_SIZE + 4*LOWRANK_ATTN_MAX_ROWS)*sizeof(float);
     const float * bias = b_k ? (const float *) b_k->data : nullptr;
     const float * ffp  = ff  ? (const float *) ff->data  : nullptr;
+    const float * knw  = kn_w ? (const float *) kn_w->data : nullptr;
     if (f32) {
         lowrank_attn_partial<float><<<grid, block, smem, stream>>>((const char *) q->data, a_h, (const float *) ck, (const float *) cv,
-            (const int32_t *) pos->data, (const char *) mask->data, bias, ffp, part.ptr, a);
+            (const int32_t *) pos->data, (const char *) mask->data, bias, ffp, knw, part.ptr, a);
     } else {
         lowrank_attn_partial<half><<<grid, block, smem, stream>>>((const char *) q->data, a_h, (const half *) ck, (const half *) cv,
-            (const int32_t *) pos->data, (const char *) mask->data, bias, ffp, part.ptr, a);
+            (const int32_t *) pos->data, (const char *) mask->data, bias, ffp, knw, part.ptr, a);
     }
     CUDA_CHECK(cudaGetLastError());
 
