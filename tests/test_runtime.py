@@ -268,12 +268,13 @@ def test_latent_v_fold_matches_rebuild(tiny, text_small, arch):
 def test_latent_fused_attention_matches_unfused(tiny, text_small, arch):
     """The fused op (ggml_lowrank_attn: K rebuilt, RoPE'd and scored per cell, latent V summed)
     equals the unfused fold (ASVD_LATENT_FUSED=0). -b 8: the runtime's own choice for small
-    batches (one stream); forced with -b 512: four sequences in four streams. Also with q8_0
+    batches (one stream); forced with -b 512 (ASVD_LATENT_V=fold, ASVD_LATENT_FUSED=1): four
+    sequences in four streams, 128 query rows each (the runtime alone fuses at most 64). Also with q8_0
     latents (dequantized in the kernel). qwen3's and gemma3's k-norm (a per-head RMSNorm with its
     weight) runs inside the op; gemma3's sliding-window layers pass their own mask and RoPE base."""
     model = tiny[arch]["kv"]
     for fa in ("on", "off"):
-        for b, env in (("8", {}), ("512", {"ASVD_LATENT_V": "fold"})):
+        for b, env in (("8", {}), ("512", {"ASVD_LATENT_V": "fold", "ASVD_LATENT_FUSED": "1"})):
             for ct in ("f16", "q8_0"):
                 cache = ["-ctk", ct, "-ctv", ct]
                 base = _kld_base(model, text_small, text_small.parent / f"{arch}-unfused.kld",
