@@ -373,3 +373,13 @@ def test_server_slot_files_are_checked(tiny, tmp_path):
         assert r.status_code == 200 and r.json()["n_restored"] > 0, r.text[:300]
         again = _complete_on(srv.url)
     assert again["content"] == valid["content"] and again["timings"]["cache_n"] > 0
+
+
+def test_session_of_another_model_into_an_iswa_cache_names_the_half(tiny, tmp_path):
+    """gemma3's iswa cache reads a saved state half by half: a state of a gemma3 with other layers
+    is refused with the half that counted its layers named (it said "this cache 1", a count of
+    one half that matched neither model's layer count)."""
+    four = fx.write_tiny("gemma3", tmp_path / "gemma3-4l.gguf", n_layer=4)
+    s = _session(four, tmp_path / "four.session")
+    log = _refused(tiny["gemma3"]["dense"], s)
+    assert "KV layers, this cache 1 (the" in log and "layers of an iswa cache)" in log, log[-2000:]
