@@ -29,8 +29,10 @@ DEFAULT_CACHE = D.cache_dir
 
 @contextmanager
 def progress_bar():
+    """A transient rich progress bar on stderr; off where stderr is no terminal (a live display
+    there prints nothing useful, only an empty line when it stops, e.g. above an error)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as p:
+                  console=console, transient=True, disable=not console.is_terminal) as p:
         yield p
 
 

@@ -349,7 +349,7 @@ def _progress(console, what: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("[bold]building[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=True)
+                        TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
     with progress:
         yield progress, progress.add_task(what, total=None)
 

@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-ctx", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    for f in (args.original, args.compressed):
+        if not f.is_file():
+            raise SystemExit(f"error: no such model file: {f}")
     models = {"original": args.original, "compressed": args.compressed}
     print(f"\nQuestion: {args.question}  (greedy, {args.tokens} tokens at most)\n")
     answers = {k: answer(m, args.question, args.tokens, args.threads) for k, m in models.items()}

@@ -265,3 +265,16 @@ def test_build_llama_dry_run_lists_the_chosen_targets(capsys):
     code, out, err = run_cli(["build-llama", "--dry-run", "--target", "llama-bench"], capsys)
     assert code == 0, err
     assert "targets: llama-bench\n" in out
+
+
+@pytest.mark.parametrize("args", [["convert", "/nonexistent/model.gguf"], ["inspect", "/nonexistent/model.gguf"],
+                                  ["ppl", "/nonexistent/model.gguf", "--text", "/nonexistent/t.txt"]])
+def test_error_is_exactly_one_line_on_stderr(args):
+    """Run as a user runs it (a process, stderr a pipe): stderr is the error line and nothing else
+    (a stopped progress display used to print an empty line above it)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "asvd2gguf.cli", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, repr(res.stderr)
