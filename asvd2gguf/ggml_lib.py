@@ -138,6 +138,20 @@ def row_size(t: T | int | str, n_per_row: int, lib: ctypes.CDLL | None = None) -
     return int(lib.ggml_row_size(int(t), n_per_row)) if lib is not None else n_per_row // blk * nbytes
 
 
+def dense_bytes(m: int, n: int, qtype: str) -> tuple[int, str]:
+    """(bytes, type written) of an m x n weight (m rows of n values) asked at `qtype`: llama-quantize's
+    row-size fallback applied."""
+    tt = fallback(qtype, n)
+    return m * row_size(tt, n), name_of(tt)
+
+
+def pair_bytes(m: int, n: int, r: int, qtype: str) -> tuple[int, tuple[str, str]]:
+    """(bytes, (A's type, B's type)) of the factor pair A (m, r), B (r, n) asked at `qtype` (each
+    factor with its own row-size fallback: A's rows hold r values, B's n)."""
+    ta, tb = fallback(qtype, r), fallback(qtype, n)
+    return m * row_size(ta, r) + r * row_size(tb, n), (name_of(ta), name_of(tb))
+
+
 def requires_imatrix(t: T | int | str, lib: ctypes.CDLL) -> bool:
     """ggml_quantize_requires_imatrix: whether `t` cannot be quantized without an importance matrix."""
     return bool(lib.ggml_quantize_requires_imatrix(int(type_of(t))))
