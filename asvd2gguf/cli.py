@@ -49,6 +49,17 @@ def convert(
     ppl_target: Optional[float] = typer.Option(
         D.ppl_target, help="Instead of --ratio: smallest model whose calibration "
                                                "perplexity stays under this value."),
+    size: Optional[str] = typer.Option(D.size, help="Instead of --ratio: the whole file's size, e.g. 95M, 1.2G, "
+                                       "80MiB (K/M/G: powers of 1000, KiB/MiB/GiB: of 1024). Every tensor then takes "
+                                       "the rank and llama.cpp type (F16 ... Q2_K) that minimise the predicted loss "
+                                       "within it."),
+    bpw: Optional[float] = typer.Option(D.bpw, help="Instead of --size: bits per weight over all of the original "
+                                        "model's weights (tensor data, as llama.cpp reports BPW)."),
+    types_only: bool = typer.Option(D.types_only, help="With --size/--bpw: no low-rank factors, choose only a type "
+                                    "per tensor (pure type allocation)."),
+    imatrix_out: Optional[Path] = typer.Option(D.imatrix_out, help="Also write the calibration's importance matrix "
+                                               "for the written tensors (llama-imatrix's GGUF format), for "
+                                               "llama-quantize --imatrix."),
     kv: Optional[float] = typer.Option(D.kv, help="Latent KV width kept: "
                                        "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
     out: Optional[Path] = typer.Option(D.out, help="Output .gguf (default: derived from model and options)."),
@@ -103,13 +114,19 @@ def convert(
                         scaling=scaling, alpha=alpha, rank_align=rank_align, sensitivity=sensitivity,
                         sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
                         quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
-                        device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir)
+                        device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir,
+                        size=size, bpw=bpw, types_only=types_only, imatrix_out=imatrix_out)
     with progress_bar() as p:
         res = run(cfg, console, p)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
         console.print(f"[yellow]warning:[/] {f}", highlight=False, soft_wrap=True)
+    if res.plan is not None and res.plan.sized:
+        from .ranks import format_bytes
+
+        console.print(f"size plan: {format_bytes(res.plan.nbytes)} planned, predicted loss increase "
+                      f"{res.plan.predicted_loss:.4f} nats", highlight=False)
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe

@@ -183,6 +183,7 @@ class RankPlan:
     # token_embd / output (by name), and the bytes of everything else in the file
     choices: Mapping[Linear | str, Option] = field(default_factory=dict)
     fixed_bytes: int = 0
+    budget_bytes: int = 0  # the byte budget of the whole file the plan was made for
     n_layer: int = field(init=False)
 
     def __post_init__(self):
@@ -243,7 +244,7 @@ class RankPlan:
                 types = (t,)
             choices[linear] = Option(rank, old.qtype, types, nbytes, float("nan"), old.width and rank)
         return RankPlan({**self.ranks, linear: rank}, self.shapes, self.budget, self.fallbacks + (fallback,),
-                        choices, self.fixed_bytes)
+                        choices, self.fixed_bytes, self.budget_bytes)
 
 
 def ranks_of(infos: list[LinearInfo], cands: list[RankCandidates], choice: list[int]) -> dict[Linear, int]:
@@ -401,7 +402,7 @@ def plan_size(infos: list[LinearInfo], options: Mapping[Linear | str, list[Optio
     ranks = {key: choices[key].rank for key in lin_keys}
     lin_shapes = {(info.layer, info.key): (info.m, info.n) for info in infos}
     return RankPlan(ranks, {**lin_shapes, **{k: shapes[k] for k in keys if isinstance(k, str)}}, budget, (),
-                    choices, fixed_bytes)
+                    choices, fixed_bytes, max_bytes)
 
 
 def format_bytes(n: int) -> str:
