@@ -187,6 +187,8 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     cfg = validate(cfg)
     if cfg.out is not None:
         check_out(cfg.out, cfg.force)
+    if cfg.imatrix_out is not None:
+        check_out(cfg.imatrix_out, cfg.force)
     placement = resolve_placement(cfg.device_map, cfg.max_memory, cfg.device)
     device = resolve_device(cfg.device) if placement is None else None
     src = load_source(cfg.model, cfg.cache_dir, placement)  # load
@@ -236,6 +238,12 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
 
     # factor
     blocks, plan = final_blocks(src.model, store, plan, cfg.dense, cfg.sigma_split)
+    if cfg.imatrix_out is not None:
+        from .calibrate import cached_stats
+
+        _write_imatrix(cfg, src, runner, tokens, calib_desc, blocks,
+                       cached_stats(src, runner, tokens, cfg.cache_dir, progress, need_fisher=False))
+        stages.done(f"imatrix written to {cfg.imatrix_out}")
 
     # quantize
     qplan = quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)
@@ -366,6 +374,20 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     return options, shapes, head_im, tied
 
 
+def _write_imatrix(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, calib_desc: str, blocks, stats):
+    """--imatrix-out: the importance matrix of every tensor of `blocks` (float, as factored) and of
+    the output head (token_embd.weight when tied: its matmul), in llama-imatrix's format."""
+    from .calibrate import cached_embedding_stats
+    from .imatrix import imatrix_entries, write_imatrix
+    from .pricing import imatrix_dense
+
+    est = cached_embedding_stats(src, runner, tokens, cfg.cache_dir)
+    tied = src.model.lm_head.weight.data_ptr() == runner.inner.embed_tokens.weight.data_ptr()
+    entries = imatrix_entries(blocks, [s.gram for s in stats], imatrix_dense(est["gh"]),
+                              "token_embd.weight" if tied else "output.weight")
+    write_imatrix(cfg.imatrix_out, entries, int(tokens.numel()), int(tokens.shape[1]), calib_desc, cfg.force)
+
+
 def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, calib_desc: str, store, infos,
                    out: Path, stages: _Stages, progress, t0: float, warnings: list[str]) -> Result:
     """The size-plan pipeline after the analysis: price -> plan -> factor -> quantize -> write.
@@ -400,8 +422,8 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
                 f"{sum(1 for r in plan.ranks.values() if r)} of {len(plan.ranks)} linears factored, "
                 f"predicted loss increase {plan.predicted_loss:.4f} nats")
 
-    blocks, plan = final_blocks(src.model, store, plan, False, cfg.sigma_split)
-    blocks, seen = quantize_sized(blocks, plan, [s.gram for s in stats], lib, progress)
+    float_blocks, plan = final_blocks(src.model, store, plan, False, cfg.sigma_split)
+    blocks, seen = quantize_sized(float_blocks, plan, [s.gram for s in stats], lib, progress)
     stages.done("quantized block linears with llama.cpp's quantizers")
     loss = calib_loss(runner, store, plan.ranks, tokens, seen)
     base_loss = cached_base_loss(runner, store, tokens)
@@ -420,10 +442,7 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
                nonblock_map=SizedNonBlock(plan, head_im, tied, lib), file_type=file_type)
     stages.done("GGUF written")
     if cfg.imatrix_out is not None:
-        from .imatrix import write_imatrix
-
-        write_imatrix(cfg.imatrix_out, plan, stats, head_im if "output" in plan.choices or tied else None,
-                      calib_desc, tokens, cfg.force)
+        _write_imatrix(cfg, src, runner, tokens, calib_desc, float_blocks, stats)
         stages.done(f"imatrix written to {cfg.imatrix_out}")
     return Result(out, plan.ratio, plan.kv, math.exp(loss), math.exp(base_loss), plan.table(), time.time() - t0,
                   list(plan.fallbacks), store.root, warnings, plan)

@@ -90,3 +90,27 @@ def test_size_errors(args, msg, tiny_models, calib_text, cache_dir, tmp_path, ca
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 1 and len(errors) == 1 and msg in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_imatrix_out_is_read_by_llama_quantize(tiny_models, calib_text, cache_dir, tmp_path, bins, text_small):
+    import subprocess
+
+    import gguf as g
+
+    out, im = tmp_path / "lr.gguf", tmp_path / "lr.imatrix.gguf"
+    convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, ratio=0.7, outtype="f16", imatrix_out=im))
+    reader = g.GGUFReader(im)
+    names = {t.name for t in reader.tensors}
+    model = {t.name for t in g.GGUFReader(out).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    assert {n + ".in_sum2" for n in model} <= names and {n + ".counts" for n in model} <= names
+    assert "token_embd.weight.in_sum2" in names  # the tied head's matmul
+    q = tmp_path / "lr-q4_k_m.gguf"
+    res = subprocess.run([str(bins / "llama-quantize"), "--imatrix", str(im), str(out), str(q), "Q4_K_M", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = res.stdout + res.stderr
+    assert f"loaded {len(names) // 2} importance matrix entries" in log, log[-3000:]
+    assert "did not find weights" not in log
+    from runtime_tools import ppl
+
+    assert np.isfinite(ppl(q, text_small)["ppl"])
