@@ -330,7 +330,7 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
 
     root = cfg.cache_dir / "pricing" / cache.key(store.root.name, llamacpp.build_key(), P.DENSE_TYPES,
                                                  P.FACTOR_TYPES, P.EMBD_TYPES, P.EXACT_RANKS, cfg.rank_align,
-                                                 cfg.sigma_split, "v1")
+                                                 cfg.sigma_split, "v2")
     options, shapes = {}, {}
     todo = [info for info in infos if cache.load(root / f"L{info.layer:03d}.{info.key}.pt") is None]
     task = progress.add_task("pricing (rank, type) options", total=len(todo)) if progress and todo else None

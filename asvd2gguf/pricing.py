@@ -17,11 +17,12 @@ diag(Gx) for W and B (llama-imatrix's `in_sum2 / counts`), diag(B Gx B^T) for A 
 
 Exact pricing of every (rank, type) pair is a quadratic form of O(m^2 n + m n^2) per pair: on
 SmolLM2 (30 x 7 linears, 13 ranks x 6 factor types for the MLP) that is too slow for 2 cores,
-so factored options are priced exactly at up to `EXACT_RANKS` ranks per linear (spread over
-the candidate ranks, always including the smallest and largest) and, in between, the
+so factored options are priced exactly at up to `EXACT_RANKS` ranks per linear and type
+(spread over the candidate ranks, the smallest and largest included) and, in between, the
 quantization penalty cost(r, t) - trunc(r) is interpolated linearly in r on top of the exact
-truncation curve trunc(r) (the analysis' `fisher` curve; flat beyond the priced ranks). The
-penalty grows about linearly with r (each kept direction adds its own rounding noise).
+truncation curve trunc(r) (the analysis' `fisher` curve). The penalty grows about linearly
+with r (each kept direction adds its own rounding noise); measured on SmolLM2 (layers 3 and
+20, 3 types, 3 exact ranks of 8 and 13) the interpolated costs are within 0.7% of the exact ones.
 
 Pure maths on tensors: the orchestration (which weights, which statistics, caching) is convert.py.
 """
@@ -42,7 +43,7 @@ DENSE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")
 FACTOR_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
 EMBD_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
 FACTOR_ORDER = {t: i for i, t in enumerate(FACTOR_TYPES)}
-EXACT_RANKS = 4  # factored ranks priced exactly per linear and type (see the module docstring)
+EXACT_RANKS = 3  # factored ranks priced exactly per linear and type (see the module docstring)
 
 
 def fisher_cost(dw: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor) -> float:
@@ -108,35 +109,47 @@ def price_factored(w: torch.Tensor, f: Factorization, ranks: list[int], gx: torc
 
     w (m, n) the original weight; f its factorization (ranks up to f's kept rank); gx (n, n),
     gg (m, m) its K-FAC Grams; trunc (p + 1,) the predicted loss of truncation alone per rank
-    (the analysis' `fisher` curve). Ranks of exact_ranks(ranks, k_exact) are priced by the
-    quadratic form of A_q B_q - W, the others interpolated (module docstring). latent: K/V under
-    a latent cache (width = rank). Options whose written types coincide are merged.
+    (the analysis' `fisher` curve). Per type, the ranks are grouped by the types their factors
+    are written at (a rank whose A keeps a 256-block type, r = 256 or 512, while its neighbours
+    fall back is a group of its own); in each group exact_ranks(group, k_exact) are priced by
+    the quadratic form of A_q B_q - W and the others interpolated (module docstring). A group
+    whose written types an earlier type already produced is not priced twice (at 576-wide rows
+    q6_k writes q8_0's B). latent: K/V under a latent cache (width = rank).
+
+    The form is evaluated through the factors, 0.5 sum((Gg A_q B_q - Gg W) * (A_q (B_q Gx) - W Gx)),
+    O(m^2 r + r n^2 + m r n) per option instead of O(m^2 n + m n^2), with Gg W and W Gx shared.
     """
     m, n = w.shape
     w32, gx32, gg32 = w.float(), gx.float(), gg.float()
+    ggw, wgx = gg32 @ w32, w32 @ gx32
     ranks = sorted(ranks)
     im_b = imatrix_dense(gx)
-    out, seen = [], set()
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
+
+    def exact(r: int, tts: tuple[str, str]) -> float:
+        if r not in factors:
+            a, b = (x.float() for x in f.factors(r, split))
+            factors[r] = (a, b, imatrix_factor_a(b, gx32))
+        a, b, im_a = factors[r]
+        _, qa, _ = quantized(a, tts[0], im_a, lib)
+        _, qb, _ = quantized(b, tts[1], im_b, lib)
+        left = (gg32 @ qa) @ qb - ggw
+        right = qa @ (qb @ gx32) - wgx
+        return 0.5 * float((left.double() * right.double()).sum()) - float(trunc[r])
+
+    out, priced = [], {}
     for t in types:
-        # interpolate only between ranks written at the same types: a rank whose factor A keeps a
-        # 256-block type (r = 256, 512) while its neighbours fall back has a penalty of its own
         groups: dict[tuple[str, str], list[int]] = {}
         for r in ranks:
             groups.setdefault(pair_bytes(m, n, r, t)[1], []).append(r)
-        penalty: dict[int, float] = {}
         for tts, group in groups.items():
-            for r in exact_ranks(group, k_exact):
-                a, b = (x.float() for x in f.factors(r, split))
-                _, qa, _ = quantized(a, tts[0], imatrix_factor_a(b, gx32), lib)
-                _, qb, _ = quantized(b, tts[1], im_b, lib)
-                penalty[r] = fisher_cost(qa @ qb - w32, gx32, gg32) - float(trunc[r])
-        for tts, group in groups.items():
-            xs = np.array([r for r in group if r in penalty], dtype=float)
+            if tts in priced:  # the same written types as an earlier type: the same options
+                continue
+            penalty = {r: exact(r, tts) for r in exact_ranks(group, k_exact)}
+            priced[tts] = penalty
+            xs = np.array(sorted(penalty), dtype=float)
             ys = np.array([penalty[int(r)] for r in xs])
             for r in group:
-                if (r, tts) in seen:
-                    continue
-                seen.add((r, tts))
                 pen = penalty[r] if r in penalty else float(np.interp(r, xs, ys))
                 out.append(Option(r, t, tts, pair_bytes(m, n, r, t)[0], max(float(trunc[r]) + pen, 0.0),
                                   r if latent else 0, r in penalty))
