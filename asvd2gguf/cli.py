@@ -136,7 +136,7 @@ def convert(
 def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or any llama-family GGUF).")):
     """Per-layer ranks, parameter ratio, KV ratio and asvd.* metadata of a GGUF."""
     from .arch import LINEARS
-    from .gguf_keys import RANK_PREFIX
+    from .gguf_keys import LOSS_PREFIX, RANK_PREFIX, TYPE_PREFIX
     from .gguf_read import describe_gguf
 
     info = describe_gguf(file)
@@ -149,10 +149,39 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
         t.add_row(str(i), *[str(info.ranks[s.key][i]) for s in LINEARS])
     out_console.print(t)
     for k, v in sorted(info.meta.items()):
-        if not k.startswith(RANK_PREFIX):
+        if not k.startswith((RANK_PREFIX, TYPE_PREFIX, LOSS_PREFIX)):
             out_console.print(f"{k} = {v}", highlight=False)
     out_console.print(f"block-linear ratio (from tensors) = {info.ratio():.4f}", highlight=False)
     out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
+    _show_plan(file, info.meta)
+
+
+def _show_plan(file: Path, meta: dict) -> None:
+    """inspect's size-plan table: per tensor type, rank, bytes and predicted loss, with totals (only
+    for a file that records a size plan, i.e. has asvd.size.planned)."""
+    import math
+
+    from .gguf_keys import KEY_SIZE_PLANNED
+    from .gguf_read import describe_plan
+
+    if KEY_SIZE_PLANNED not in meta:
+        return
+    rows = describe_plan(file)
+    t = Table(title=f"{file.name}: size plan (type asked -> written; loss: predicted increase, nats)")
+    for col, just in (("tensor", "left"), ("rank", "right"), ("type", "left"), ("KiB", "right"), ("loss", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        written = "+".join(r.types)
+        typ = r.asked if r.asked == written else f"{r.asked} -> {written}"
+        t.add_row(r.name, str(r.rank) if r.rank else "dense", typ, f"{r.nbytes / 1024:.1f}",
+                  "" if math.isnan(r.loss) else f"{r.loss:.2e}")
+    total = sum(r.nbytes for r in rows)
+    loss = sum(r.loss for r in rows if not math.isnan(r.loss))
+    t.add_row("total", f"{sum(1 for r in rows if r.rank)} factored", "", f"{total / 1024:.1f}", f"{loss:.4f}")
+    out_console.print(t)
+    size = file.stat().st_size
+    out_console.print(f"file bytes = {size} ({size / 2**20:.2f} MiB); planned = {meta[KEY_SIZE_PLANNED]}; "
+                      f"tensors above = {total}", highlight=False)
 
 
 def _positive(**counts: Optional[int]) -> None:

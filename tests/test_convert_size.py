@@ -114,3 +114,22 @@ def test_imatrix_out_is_read_by_llama_quantize(tiny_models, calib_text, cache_di
     from runtime_tools import ppl
 
     assert np.isfinite(ppl(q, text_small)["ppl"])
+
+
+def test_inspect_shows_the_plan(f16_size, tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    out = tmp_path / "s.gguf"
+    res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size=str(int(f16_size * 0.45))))
+    capsys.readouterr()
+    rc, text, _ = run_cli(["inspect", str(out)], capsys)
+    assert rc == 0
+    assert "size plan" in text and "token_embd" in text and "total" in text
+    assert f"planned = {res.plan.nbytes}" in text
+    from asvd2gguf.gguf_read import describe_plan
+
+    rows = describe_plan(out)
+    assert len(rows) == len(res.plan.choices)
+    for row in rows:
+        key = row.name if not row.name.startswith("blk.") else (int(row.name.split(".")[1]), row.name.split(".")[2])
+        opt = res.plan.choices[key]
+        assert (row.rank, row.types, row.nbytes, row.asked) == (opt.rank, opt.types, opt.nbytes, opt.qtype)
+        assert row.loss == pytest.approx(opt.cost, rel=1e-6, abs=1e-30)
