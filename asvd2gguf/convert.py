@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -287,13 +288,15 @@ def _info_bytes(name: str, ndim: int) -> int:
     return 8 + len(name.encode()) + 4 + 8 * ndim + 4 + 8 + GGUF_ALIGN - 1
 
 
-def file_accounting(donor: Path, extra, n_linears: int, outtype: str) -> tuple[int, int, int]:
+def file_accounting(donor: Path, extra, linear_names: list[str], asvd_kv: int, outtype: str) -> tuple[int, int, int]:
     """(metadata bytes, fixed tensor bytes, weights of the fixed tensors) of the file the writer makes.
 
-    metadata: the donor's header and key-value section, 8 KiB for the asvd.* keys of a size plan,
-    and per tensor its info and worst-case padding (block linears counted as factor pairs, two
-    tensors each: an upper bound); fixed tensors: the non-block tensors besides token_embd /
-    output (norms: F32; any other 2-D tensor at --outtype). Units: bytes, and elements.
+    metadata: the donor's header and key-value section, `asvd_kv` bytes of asvd.* keys (and the
+    " (ASVD)" of general.name), and per tensor its info and worst-case alignment padding (every
+    block linear counted as a factor pair, two tensors: an upper bound of at most ~100 bytes per
+    dense linear); fixed tensors: the non-block tensors besides token_embd / output (norms: F32;
+    any other 2-D tensor at --outtype). `linear_names`: "blk.<i>.<gguf>" of every block linear.
+    Units: bytes, and elements.
     """
     from .gguf_fast import FastGGUFReader
     from .gguf_write import BLOCK_WEIGHT_SUFFIXES
@@ -304,7 +307,8 @@ def file_accounting(donor: Path, extra, n_linears: int, outtype: str) -> tuple[i
     else:
         layout = [(t.name, tuple(int(d) for d in t.shape)) for t in reader.tensors
                   if not t.name.endswith(BLOCK_WEIGHT_SUFFIXES)]
-    meta = reader.kv_end + 8192 + 2 * n_linears * _info_bytes("blk.000.attn_output.lr_out.weight", 2)
+    meta = reader.kv_end + asvd_kv + len(" (ASVD)") + sum(
+        _info_bytes(f"{base}.lr_out.weight", 2) + _info_bytes(f"{base}.lr_in.weight", 2) for base in linear_names)
     fixed = weights = 0
     for name, shape in layout:
         meta += _info_bytes(name, len(shape))
@@ -314,6 +318,25 @@ def file_accounting(donor: Path, extra, n_linears: int, outtype: str) -> tuple[i
         weights += n
         fixed += 4 * n if len(shape) == 1 or outtype == "f32" else 2 * n
     return meta, fixed, weights
+
+
+def _asvd_kv_bytes(cfg: ConvertConfig, calib_desc: str, n_layer: int, latent: bool, untied: bool) -> int:
+    """Upper bound of the asvd.* key-value bytes of a size plan's file: the keys of asvd_metadata and
+    size_metadata with the longest type name (6 characters) in every type slot."""
+    from .arch import LINEAR_KEYS, SPEC
+    from .gguf_keys import KEY_SIZE_TARGET, kv_bytes, loss_key, type_key
+
+    meta = asvd_metadata(cfg, calib_desc, 1.0, 1.0, latent, {k: [0] * n_layer for k in LINEAR_KEYS}, 1.0)
+    V = gguf.GGUFValueType
+    size = {KEY_SIZE_TARGET: (0, V.UINT64), "asvd.size.bpw": (0.0, V.FLOAT32), "asvd.size.planned": (0, V.UINT64),
+            "asvd.size.loss_predicted": (0.0, V.FLOAT32), "asvd.size.types_only": (False, V.BOOL)}
+    for k in LINEAR_KEYS:
+        size[type_key(SPEC[k].gguf)] = (["iq4_xs"] * n_layer, V.ARRAY)
+        size[loss_key(SPEC[k].gguf)] = ([0.0] * n_layer, V.ARRAY)
+    for name in ("token_embd", "output")[: 2 if untied else 1]:
+        size[type_key(name)] = ("iq4_xs", V.STRING)
+        size[loss_key(name)] = (0.0, V.FLOAT32)
+    return kv_bytes(meta) + kv_bytes(size)
 
 
 def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, store, infos, stats, lib, progress):
@@ -397,6 +420,7 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     tensor data only, as llama.cpp reports BPW), priced by pricing.py with llama.cpp's
     quantizers (ggml_lib) and the calibration's K-FAC statistics."""
     from . import ggml_lib
+    from .arch import SPEC
     from .calibrate import cached_stats
     from .gguf_keys import size_metadata
     from .pricing import DENSE_TYPES
@@ -409,7 +433,9 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     stages.done("priced every (rank, type) option and the embedding types")
 
     donor, extra = donor_for(src, cfg.cache_dir)
-    meta_bytes, fixed_data, fixed_weights = file_accounting(donor, extra, len(infos), cfg.outtype)
+    asvd_kv = _asvd_kv_bytes(cfg, calib_desc, src.n_layer, bool(cfg.kv is not None and cfg.kv < 1), not tied)
+    names = [f"blk.{info.layer}.{SPEC[info.key].gguf}" for info in infos]
+    meta_bytes, fixed_data, fixed_weights = file_accounting(donor, extra, names, asvd_kv, cfg.outtype)
     if cfg.size is not None:
         max_bytes, what = parse_size(cfg.size), f"--size {cfg.size}"
     else:

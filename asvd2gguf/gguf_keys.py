@@ -113,3 +113,26 @@ def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
         for k in LINEAR_KEYS:
             meta[rank_key(SPEC[k].gguf)] = ([int(x) for x in rank_table[k]], V.ARRAY)
     return meta
+
+
+_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def kv_bytes(meta: dict) -> int:
+    """Bytes `meta` ({key: (value, GGUFValueType)}, as asvd_metadata returns it) takes in a GGUF
+    key-value section (GGUF spec v3: key as u64 length + bytes, u32 type, the value; arrays as u32
+    element type + u64 count + elements, as gguf-py writes them: ints INT32, floats FLOAT32)."""
+    V = gguf.GGUFValueType
+    total = 0
+    for key, (value, vtype) in meta.items():
+        total += 8 + len(key.encode()) + 4
+        if vtype == V.STRING:
+            total += 8 + len(str(value).encode())
+        elif vtype == V.ARRAY:
+            total += 4 + 8 + sum(8 + len(v.encode()) if isinstance(v, str) else 4 for v in value)
+        else:
+            total += _SCALAR_BYTES[vtype]
+    return total

@@ -4,8 +4,10 @@ Protocol: SmolLM2-135M-Instruct; calibration wiki.valid.tokens SAMPLES x SEQLEN,
 hybrid; evaluation `llama-perplexity -c 512 --chunks 20 -t 2` on wiki.test.raw (patched build),
 KLD against the F16 dense model (`--kl-divergence-base`, then `--kl-divergence`).
 
-* base: the F16 dense model, `convert --size 1G` (a budget that fits F16 everywhere) with
-  `--imatrix-out`: the imatrix of the same calibration for every stock file.
+* base: the F16 dense model, `convert --ratio 1 --outtype f16` (nothing factored) with
+  `--imatrix-out`: the imatrix of the same calibration for every stock file. (Not `--size 1G`:
+  SmolLM2's source is a Q4_1 GGUF, so Q5_1 reproduces its weights exactly and a size plan with
+  room for F16 prefers the lossless Q5_1 to F16's rounding.)
 * stock: `llama-quantize --imatrix <that> base.gguf out.gguf TYPE` for each preset.
 * ours, at each stock file's exact byte size: `--size BYTES` (ranks and types), `--size BYTES
   --types-only` (pure type allocation) and `--size BYTES --kv 0.5`.
@@ -113,7 +115,7 @@ def main() -> None:
             results[row["file"]] = row
 
     base, imatrix = d / "f16.gguf", d / "f16.imatrix.gguf"
-    convert(base, args, "--size", "1G", "--imatrix-out", str(imatrix))
+    convert(base, args, "--ratio", "1", "--outtype", "f16", "--imatrix-out", str(imatrix))
     rows = []
     for preset in args.presets:
         ref = d / f"stock-{preset}.gguf"
