@@ -271,7 +271,7 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
     stages.done("GGUF written")
     fallbacks = [*plan.fallbacks, *quant_fallbacks, *(embd.fallbacks if embd else ())]
     return Result(out, plan.ratio, plan.kv, math.exp(loss), math.exp(base_loss), plan.table(), time.time() - t0,
-                  fallbacks, store.root, warnings)
+                  fallbacks, store.root, warnings, plan)
 
 
 # ---------------------------------------------------------------- size plans (--size / --bpw)
