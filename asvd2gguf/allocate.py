@@ -239,7 +239,7 @@ def allocate(opts: list[RankCandidates], max_params: int, max_width: int, method
     raise UserError(f"unknown allocation '{method}'; use one of {', '.join(ALLOCATIONS)}")
 
 
-BYTE_STEPS = 50_000  # resolution of the byte budget in allocate_bytes (steps over the options' whole span)
+BYTE_STEPS = 200_000  # resolution of the byte budget in allocate_bytes (steps over the options' whole span)
 
 
 def _knapsack(opts: list[RankCandidates], max_params: int, quantum: int, extra: np.ndarray | None = None) -> list[int]:
@@ -258,10 +258,10 @@ def _knapsack(opts: list[RankCandidates], max_params: int, quantum: int, extra: 
     cap = int((max_params - int(base.sum())) // quantum)
     cap = min(cap, int(units.max(axis=1).sum()))
     f = np.zeros(cap + 1)
-    arg = np.zeros((len(opts), cap + 1), dtype=np.int32)
+    arg = np.zeros((len(opts), cap + 1), dtype=np.int16)  # option indices (RankCandidates stay far below 2^15)
     for i in range(len(opts)):
         g = np.full(cap + 1, np.inf)
-        gi = np.zeros(cap + 1, dtype=np.int32)
+        gi = np.zeros(cap + 1, dtype=np.int16)
         for j in np.flatnonzero(np.isfinite(cost[i])):
             u = int(units[i, j])
             if u > cap:
