@@ -68,11 +68,25 @@ def test_size_plan_file(frac, kw, f16_size, tiny_models, calib_text, cache_dir, 
     assert np.isfinite(res_ppl["ppl"])
 
 
-def test_bpw(f16_size, tiny_models, calib_text, cache_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tokenizer_dir):
+    """--bpw: tensor data of at most B bits per original weight; Gemma 3 (scaled embedding, sliding
+    window) through the embedding statistics as well."""
+    from conftest import make_tiny
+
+    model = tiny_models.get(arch) or make_tiny(arch, tmp_path / arch, tokenizer_dir)
     out = tmp_path / "b.gguf"
-    res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, bpw=6.0))
-    assert res.plan.nbytes < f16_size * 0.5
+    res = convert(_cfg(model, out, calib_text, cache_dir, bpw=6.0))
+    reader = gguf.GGUFReader(out)
+    data = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(np.prod(t.shape)) for t in reader.tensors if not t.name.endswith(("lr_in.weight",
+                                                                                         "lr_out.weight")))
+    n_weights += sum(int(res.plan.shapes[k][0] * res.plan.shapes[k][1]) for k, r in res.plan.ranks.items() if r)
+    assert data * 8 / n_weights <= 6.0
     assert abs(out.stat().st_size - res.plan.nbytes) <= 0.01 * out.stat().st_size
+    from runtime_tools import ppl
+
+    assert np.isfinite(ppl(out, text_small)["ppl"])
 
 
 @pytest.mark.parametrize("args,msg", [
