@@ -277,7 +277,7 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
 # ---------------------------------------------------------------- size plans (--size / --bpw)
 
 # general.file_type (llama_ftype) of a size plan: that of the type holding most block-linear bytes
-SIZE_FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12, "q4_k": 15,
+SIZE_FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12, "q4_k": 15,
                    "q5_k": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30}
 GGUF_ALIGN = 32  # general.alignment gguf-py writes with: each tensor's data is padded to it
 
@@ -342,8 +342,9 @@ def _asvd_kv_bytes(cfg: ConvertConfig, calib_desc: str, n_layer: int, latent: bo
 def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, store, infos, stats, lib, progress):
     """Every priced Option per block linear and for token_embd (and an untied output), their shapes,
     the head's imatrix and whether the embedding is tied. Cached per linear under
-    <cache_dir>/pricing by the analysis entry, the llama.cpp build, the type lists and the rank
-    grid."""
+    <cache_dir>/pricing, in three entries keyed by what determines them: the analysis entry and
+    the llama.cpp build, plus the dense types (dense options), the factor types, exact ranks,
+    rank grid and sigma split (factored options), the embedding types (embedding options)."""
     from . import cache, llamacpp
     from . import pricing as P
     from .arch import SPEC, get_module
@@ -351,36 +352,42 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     from .placement import materialized
     from .ranks import Option, size_ranks
 
-    root = cfg.cache_dir / "pricing" / cache.key(store.root.name, llamacpp.build_key(), P.DENSE_TYPES,
-                                                 P.FACTOR_TYPES, P.EMBD_TYPES, P.EXACT_RANKS, cfg.rank_align,
-                                                 cfg.sigma_split, "v2")
+    base = (store.root.name, llamacpp.build_key())
+    dense_root = cfg.cache_dir / "pricing" / cache.key(*base, "dense", P.DENSE_TYPES, "v2")
+    fact_root = cfg.cache_dir / "pricing" / cache.key(*base, "factored", P.FACTOR_TYPES, P.EXACT_RANKS,
+                                                      cfg.rank_align, cfg.sigma_split, "v2")
     options, shapes = {}, {}
-    todo = [info for info in infos if cache.load(root / f"L{info.layer:03d}.{info.key}.pt") is None]
+    todo = [info for info in infos if any(cache.load(r / f"L{info.layer:03d}.{info.key}.pt") is None
+                                          for r in (dense_root, fact_root))]
     task = progress.add_task("pricing (rank, type) options", total=len(todo)) if progress and todo else None
     for info in infos:
-        path = root / f"L{info.layer:03d}.{info.key}.pt"
-        hit = cache.load(path)
-        if hit is None:
+        name = f"L{info.layer:03d}.{info.key}.pt"
+        dense, fact = cache.load(dense_root / name), cache.load(fact_root / name)
+        if dense is None or fact is None:
             spec = SPEC[info.key]
             lin = get_module(runner.layers[info.layer], spec.module)
             with materialized(lin):
                 w = lin.weight.detach().float().cpu()
             gx, gg = stats[info.layer].gram[spec.group], stats[info.layer].out_gram[info.key]
-            opts = P.price_dense(w, gx, gg, lib=lib) + P.price_factored(
-                w, store.factorization(info.layer, info.key), size_ranks(info, cfg.rank_align), gx, gg,
-                info.curves["fisher"], split=cfg.sigma_split, lib=lib)
-            hit = [o.to_dict() for o in opts]
-            cache.save(hit, path)
+            if dense is None:
+                dense = [o.to_dict() for o in P.price_dense(w, gx, gg, lib=lib)]
+                cache.save(dense, dense_root / name)
+            if fact is None:
+                fact = [o.to_dict() for o in P.price_factored(
+                    w, store.factorization(info.layer, info.key), size_ranks(info, cfg.rank_align), gx, gg,
+                    info.curves["fisher"], split=cfg.sigma_split, lib=lib)]
+                cache.save(fact, fact_root / name)
             if task is not None:
                 progress.advance(task)
-        options[(info.layer, info.key)] = [Option.from_dict(d) for d in hit]
+        options[(info.layer, info.key)] = [Option.from_dict(d) for d in dense + fact]
         shapes[(info.layer, info.key)] = (info.m, info.n)
     emb = runner.inner.embed_tokens.weight
     head = src.model.lm_head.weight
     tied = head.data_ptr() == emb.data_ptr()
     est = cached_embedding_stats(src, runner, tokens, cfg.cache_dir)
     head_im = P.imatrix_dense(est["gh"])
-    path = root / f"embd-{cache.key(src.fingerprint, tokens_digest(tokens))}.pt"
+    path = cfg.cache_dir / "pricing" / cache.key(*base, "embd", src.fingerprint, tokens_digest(tokens), P.EMBD_TYPES,
+                                                 "v2") / "embd.pt"
     hit = cache.load(path)
     if hit is None:
         hs = (est["gh"], est["gdiag"])

@@ -34,7 +34,8 @@ T = gguf.GGMLQuantizationType
 # Names as llama-quantize spells them (lower case), for the types the size plans choose among.
 TYPES: dict[str, T] = {
     "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q6_k": T.Q6_K, "q5_k": T.Q5_K, "q5_1": T.Q5_1,
-    "q5_0": T.Q5_0, "q4_k": T.Q4_K, "iq4_xs": T.IQ4_XS, "iq4_nl": T.IQ4_NL, "q4_0": T.Q4_0, "q3_k": T.Q3_K,
+    "q5_0": T.Q5_0, "q4_k": T.Q4_K, "q4_1": T.Q4_1, "iq4_xs": T.IQ4_XS, "iq4_nl": T.IQ4_NL, "q4_0": T.Q4_0,
+    "q3_k": T.Q3_K,
     "q2_k": T.Q2_K,
 }
 NAMES: dict[int, str] = {int(v): k for k, v in TYPES.items()}

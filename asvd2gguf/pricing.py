@@ -39,7 +39,10 @@ from .ranks import Option
 
 # The types a plan chooses among (llama-quantize's names; each is replaced by llama-quantize's
 # row-size fallback where its block does not divide the row: ggml_lib.fallback).
-DENSE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k")
+# Dense: the K- and IQ-quants and the 32-block types (which a model stored in them, e.g. SmolLM2's
+# Q4_1 source, takes back without loss); factors and embeddings: the K-quants (fallbacks included).
+DENSE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "iq4_xs", "iq4_nl", "q4_0", "q3_k",
+               "q2_k")
 FACTOR_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
 EMBD_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
 FACTOR_ORDER = {t: i for i, t in enumerate(FACTOR_TYPES)}
