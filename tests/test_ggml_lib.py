@@ -17,7 +17,8 @@ from asvd2gguf.errors import UserError
 pytestmark = pytest.mark.llama
 
 T = gguf.GGMLQuantizationType
-PLAN_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k", "q5_0", "q5_1", "iq4_nl", "q4_0")
+PLAN_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "iq4_xs", "q3_k", "q2_k", "q5_0", "q5_1", "q4_1", "iq4_nl",
+              "q4_0")
 
 
 @pytest.fixture(scope="module")
