@@ -289,10 +289,11 @@ def allocate_bytes(opts: list[RankCandidates], max_bytes: int, max_width: int,
     1/`steps` of the options' total byte span, a quantum that depends on the options only: so
     the predicted loss is non-increasing in the budget, which the Lagrangian's convex hull plus
     greedy fill (`lagrange`) does not promise once options are as uneven as quantization types
-    make them. The latent width keeps its Lagrange price mu (bisected, at a coarser resolution,
-    as `lagrange` does). `uniform`: whole allocations (an index per tensor, e.g. "every tensor
-    at one type") the answer must not be worse than when they fit; the best fitting one replaces
-    the knapsack's if it predicts less loss. Raises Unreachable when even the smallest options
+    make them. The latent width keeps its Lagrange price mu, as in `lagrange`: bisected at
+    1/10 of the resolution over the whole price range, then refined at the full resolution.
+    `uniform`: whole allocations (an index per tensor, e.g. "every tensor at one type") the
+    answer must not be worse than when they fit; the best fitting one replaces the knapsack's
+    if it predicts less loss. Raises Unreachable when even the smallest options
     break a budget.
     """
     _check_reachable(opts, max_bytes, max_width)
@@ -303,14 +304,30 @@ def allocate_bytes(opts: list[RankCandidates], max_bytes: int, max_width: int,
     def solve(mu: float, q: int) -> list[int]:
         return _knapsack(opts, max_bytes, q, mu * width if mu else None)
 
-    if _total(opts, solve(0.0, quantum))[1] <= max_width:
-        mu = 0.0
-    else:
-        coarse = max(quantum, -(-span // 2000))
-        mu = _bisect_price(lambda m: _total(opts, solve(m, coarse)), lambda t: t[1] <= max_width, iters=30)
-    choice = solve(mu, quantum)
-    if mu and _total(opts, choice)[1] > max_width:  # mu was bisected at the coarse resolution
-        choice = solve(mu, coarse)
+    def fits(c: list[int]) -> bool:
+        return _total(opts, c)[1] <= max_width
+
+    choice = solve(0.0, quantum)
+    if not fits(choice):
+        # mu: first at a coarse resolution (cheap, over the whole price range), then refined at the
+        # full one between mu/8 and 8 mu; the coarse answer alone over-rounds every option's bytes
+        # by up to a coarse step and would leave megabytes unspent
+        coarse = max(quantum, -(-span // (steps // 10)))
+        mu = _bisect_price(lambda m: _total(opts, solve(m, coarse)), lambda t: t[1] <= max_width, iters=20)
+        lo, hi = mu / 8, mu * 8
+        for _ in range(6):
+            if fits(solve(hi, quantum)):
+                break
+            lo, hi = hi, hi * 8
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if fits(solve(mid, quantum)):
+                hi = mid
+            else:
+                lo = mid
+        choice = solve(hi, quantum)
+        if not fits(choice):
+            choice = solve(mu, coarse)
     best = _checked(opts, choice, max_bytes, max_width)
     for choice in uniform:
         alt = Allocation(list(choice), *_total(opts, choice))

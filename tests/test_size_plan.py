@@ -139,3 +139,14 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(UserError, match="--size"):
         parse_size(text)
+
+
+def test_latent_kv_leaves_the_rest_at_their_best_when_bytes_allow():
+    """The KV width price must not cost the other linears their bytes: with room for F16 everywhere,
+    every linear but K/V stays dense F16."""
+    infos, options, shapes = synthetic()
+    plan = plan_size(infos, options, shapes, _uniform_bytes(options, "f16"), FIXED, 0.5)
+    assert plan.kv <= 0.5
+    for (i, key), opt in ((k, o) for k, o in plan.choices.items() if not isinstance(k, str)):
+        if key not in ("attn_k", "attn_v"):
+            assert (opt.rank, opt.qtype) == (0, "f16"), (i, key, opt)
