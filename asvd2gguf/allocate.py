@@ -237,3 +237,100 @@ def allocate(opts: list[RankCandidates], max_params: int, max_width: int, method
     if method == "strs":
         return strs(opts, max_params, max_width)
     raise UserError(f"unknown allocation '{method}'; use one of {', '.join(ALLOCATIONS)}")
+
+
+BYTE_STEPS = 200_000  # resolution of the byte budget in allocate_bytes (steps over the options' whole span)
+
+
+def _knapsack(opts: list[RankCandidates], max_params: int, quantum: int, extra: np.ndarray | None = None) -> list[int]:
+    """Exact multiple-choice knapsack at a resolution of `quantum` (size units): per linear the option
+    minimising the summed cost (+ `extra`, padded like _padded) with sum params <= max_params.
+
+    Each option's size above its linear's smallest is rounded up to whole quanta and the budget
+    down, so the answer never exceeds max_params; for a fixed quantum a larger budget only adds
+    feasible choices, so the optimum cost never rises with the budget.
+    """
+    cost, params, _ = _padded(opts)
+    if extra is not None:
+        cost = cost + extra
+    base = np.array([o.params.min() for o in opts], dtype=np.int64)
+    units = np.where(np.isfinite(cost), np.ceil((params - base[:, None]) / quantum), 0).astype(np.int64)
+    cap = int((max_params - int(base.sum())) // quantum)
+    cap = min(cap, int(units.max(axis=1).sum()))
+    f = np.zeros(cap + 1)
+    arg = np.zeros((len(opts), cap + 1), dtype=np.int16)  # option indices (RankCandidates stay far below 2^15)
+    for i in range(len(opts)):
+        g = np.full(cap + 1, np.inf)
+        gi = np.zeros(cap + 1, dtype=np.int16)
+        for j in np.flatnonzero(np.isfinite(cost[i])):
+            u = int(units[i, j])
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[u:] = f[:cap + 1 - u] + cost[i, j]
+            better = cand < g
+            g[better] = cand[better]
+            gi[better] = j
+        f, arg[i] = g, gi
+    choice, u = [0] * len(opts), cap
+    for i in reversed(range(len(opts))):
+        j = int(arg[i, u])
+        choice[i] = j
+        u -= int(units[i, j])
+    return choice
+
+
+def allocate_bytes(opts: list[RankCandidates], max_bytes: int, max_width: int,
+                   uniform: list[list[int]] = (), steps: int = BYTE_STEPS) -> Allocation:
+    """One option per tensor within a byte budget (`params` of the candidates counts bytes here) and
+    `max_width` latent K+V channels, minimising the summed predicted loss increase.
+
+    The byte axis is solved exactly as a multiple-choice knapsack (_knapsack) at a resolution of
+    1/`steps` of the options' total byte span, a quantum that depends on the options only: so
+    the predicted loss is non-increasing in the budget, which the Lagrangian's convex hull plus
+    greedy fill (`lagrange`) does not promise once options are as uneven as quantization types
+    make them. The latent width keeps its Lagrange price mu, as in `lagrange`: bisected at
+    1/10 of the resolution over the whole price range, then refined at the full resolution.
+    `uniform`: whole allocations (an index per tensor, e.g. "every tensor at one type") the
+    answer must not be worse than when they fit; the best fitting one replaces the knapsack's
+    if it predicts less loss. Raises Unreachable when even the smallest options
+    break a budget.
+    """
+    _check_reachable(opts, max_bytes, max_width)
+    span = sum(int(o.params.max() - o.params.min()) for o in opts)
+    quantum = max(1, -(-span // steps))
+    _, _, width = _padded(opts)
+
+    def solve(mu: float, q: int) -> list[int]:
+        return _knapsack(opts, max_bytes, q, mu * width if mu else None)
+
+    def fits(c: list[int]) -> bool:
+        return _total(opts, c)[1] <= max_width
+
+    choice = solve(0.0, quantum)
+    if not fits(choice):
+        # mu: first at a coarse resolution (cheap, over the whole price range), then refined at the
+        # full one between mu/8 and 8 mu; the coarse answer alone over-rounds every option's bytes
+        # by up to a coarse step and would leave megabytes unspent
+        coarse = max(quantum, -(-span // (steps // 10)))
+        mu = _bisect_price(lambda m: _total(opts, solve(m, coarse)), lambda t: t[1] <= max_width, iters=20)
+        lo, hi = mu / 8, mu * 8
+        for _ in range(6):
+            if fits(solve(hi, quantum)):
+                break
+            lo, hi = hi, hi * 8
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if fits(solve(mid, quantum)):
+                hi = mid
+            else:
+                lo = mid
+        choice = solve(hi, quantum)
+        if not fits(choice):
+            choice = solve(mu, coarse)
+    best = _checked(opts, choice, max_bytes, max_width)
+    for choice in uniform:
+        alt = Allocation(list(choice), *_total(opts, choice))
+        if alt.params <= max_bytes and alt.width <= max_width and alt.cost < best.cost:
+            best = alt
+    return best

@@ -220,3 +220,67 @@ def calibration_warning(n_tokens: int, infos: list[LinearInfo]) -> str | None:
     return (f"the calibration has {n_tokens} tokens, fewer than the {widest.n} input channels of {widest.key}: "
             f"X^T X has rank <= {n_tokens}, so directions the calibration never excited are ranked by weight norm "
             f"only; give at least {widest.n} tokens (--calib-samples x --calib-seqlen), better several times more")
+
+
+EMBED_WINDOWS = 8  # calibration windows for the embedding statistics (a forward and backward pass each)
+
+
+def embedding_stats(runner: BlockRunner, tokens: torch.Tensor, n_windows: int = EMBED_WINDOWS) -> dict:
+    """Statistics that price rounding errors of the token embedding and the output head
+    (pricing.price_embedding), from `tokens` (N, T):
+
+    freq (V,): token frequencies over all N x T calibration tokens (the one-hot input Gram of the
+    embedding, diagonal). From the first `n_windows` windows, with one backward pass each:
+    gh (d, d): E[h h^T] of the final normed hidden states (the head's input Gram); gdiag (V,):
+    E[g_v^2] of the logit gradient g = softmax - one-hot (the diagonal of the head's output-
+    gradient Gram); ge (d, d): E[g g^T] of the gradient of the summed loss at the embedding
+    output, per token, times the model's embedding scale (Gemma) so it is the gradient at the
+    table row. All float32 on the CPU, means over tokens (K-FAC, Martens and Grosse arXiv 1503.05671).
+    """
+    emb = runner.inner.embed_tokens
+    vocab = emb.weight.shape[0]
+    freq = torch.bincount(tokens.flatten(), minlength=vocab).double()
+    freq /= freq.sum()
+    scale = float(getattr(emb, "embed_scale", 1.0))
+    d = emb.weight.shape[1]
+    gh = torch.zeros(d, d, dtype=torch.float64)
+    ge = torch.zeros(d, d, dtype=torch.float64)
+    gdiag = torch.zeros(vocab, dtype=torch.float64)
+    n_tok = 0
+    seqlen = tokens.shape[1]
+    for w in range(min(n_windows, tokens.shape[0])):
+        tok = tokens[w:w + 1]
+        with torch.enable_grad():
+            e = runner.embed(tok).detach().requires_grad_(True)
+            h = e
+            for i, layer in enumerate(runner.layers):
+                with runner.on_device(layer):
+                    h = layer(h.to(runner.block_device(i)), **runner.block_inputs(i, seqlen))
+            dev = runner.device_of(runner.inner.norm)
+            with runner.on_device(runner.inner.norm), runner.on_device(runner.model.lm_head):
+                normed = runner.inner.norm(h.to(dev))
+                z = runner.model.lm_head(normed)
+                cap = getattr(runner.model.config, "final_logit_softcapping", None)
+                logits = (torch.tanh(z / cap) * cap if cap else z).float()
+                tgt = tok.to(logits.device)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), tgt[:, 1:].flatten(), reduction="sum")
+                gz, gemb = torch.autograd.grad(loss, (z, e))
+        x = normed.detach()[0, :-1].double().cpu()
+        gh += x.T @ x
+        gdiag += (gz[0, :-1].double().cpu() ** 2).sum(0)
+        g = gemb[0].double().cpu() * scale
+        ge += g.T @ g
+        n_tok += seqlen - 1
+    return {"freq": freq.float(), "gh": (gh / n_tok).float(), "gdiag": (gdiag / n_tok).float(),
+            "ge": (ge / n_tok).float()}
+
+
+def cached_embedding_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_dir: Path) -> dict:
+    """embedding_stats, cached under <cache_dir>/calib by the model's content and the tokens."""
+    path = cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), "embd-v1") / "embedding.pt"
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    out = embedding_stats(runner, tokens)
+    cache.save(out, path)
+    return out

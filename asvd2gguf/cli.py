@@ -51,6 +51,17 @@ def convert(
     ppl_target: Optional[float] = typer.Option(
         D.ppl_target, help="Instead of --ratio: smallest model whose calibration "
                                                "perplexity stays under this value."),
+    size: Optional[str] = typer.Option(D.size, help="Instead of --ratio: the whole file's size, e.g. 95M, 1.2G, "
+                                       "80MiB (K/M/G: powers of 1000, KiB/MiB/GiB: of 1024). Every tensor then takes "
+                                       "the rank and llama.cpp type (F16 ... Q2_K) that minimise the predicted loss "
+                                       "within it."),
+    bpw: Optional[float] = typer.Option(D.bpw, help="Instead of --size: bits per weight over all of the original "
+                                        "model's weights (tensor data, as llama.cpp reports BPW)."),
+    types_only: bool = typer.Option(D.types_only, help="With --size/--bpw: no low-rank factors, choose only a type "
+                                    "per tensor (pure type allocation)."),
+    imatrix_out: Optional[Path] = typer.Option(D.imatrix_out, help="Also write the calibration's importance matrix "
+                                               "for the written tensors (llama-imatrix's GGUF format), for "
+                                               "llama-quantize --imatrix."),
     kv: Optional[float] = typer.Option(D.kv, help="Latent KV width kept: "
                                        "sum(r_k + r_v) / sum(n_embd_k + n_embd_v)."),
     out: Optional[Path] = typer.Option(D.out, help="Output .gguf (default: derived from model and options)."),
@@ -105,13 +116,19 @@ def convert(
                         scaling=scaling, alpha=alpha, rank_align=rank_align, sensitivity=sensitivity,
                         sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
                         quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
-                        device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir)
+                        device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir,
+                        size=size, bpw=bpw, types_only=types_only, imatrix_out=imatrix_out)
     with progress_bar() as p:
         res = run(cfg, console, p)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
         console.print(f"[yellow]warning:[/] {f}", highlight=False, soft_wrap=True)
+    if res.plan is not None and res.plan.sized:
+        from .ranks import format_bytes
+
+        console.print(f"size plan: {format_bytes(res.plan.nbytes)} planned, predicted loss increase "
+                      f"{res.plan.predicted_loss:.4f} nats", highlight=False)
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe
@@ -121,7 +138,7 @@ def convert(
 def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or any llama-family GGUF).")):
     """Per-layer ranks, parameter ratio, KV ratio and asvd.* metadata of a GGUF."""
     from .arch import LINEARS
-    from .gguf_keys import RANK_PREFIX
+    from .gguf_keys import LOSS_PREFIX, RANK_PREFIX, TYPE_PREFIX
     from .gguf_read import describe_gguf
 
     info = describe_gguf(file)
@@ -134,10 +151,39 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
         t.add_row(str(i), *[str(info.ranks[s.key][i]) for s in LINEARS])
     out_console.print(t)
     for k, v in sorted(info.meta.items()):
-        if not k.startswith(RANK_PREFIX):
+        if not k.startswith((RANK_PREFIX, TYPE_PREFIX, LOSS_PREFIX)):
             out_console.print(f"{k} = {v}", highlight=False)
     out_console.print(f"block-linear ratio (from tensors) = {info.ratio():.4f}", highlight=False)
     out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
+    _show_plan(file, info.meta)
+
+
+def _show_plan(file: Path, meta: dict) -> None:
+    """inspect's size-plan table: per tensor type, rank, bytes and predicted loss, with totals (only
+    for a file that records a size plan, i.e. has asvd.size.planned)."""
+    import math
+
+    from .gguf_keys import KEY_SIZE_PLANNED
+    from .gguf_read import describe_plan
+
+    if KEY_SIZE_PLANNED not in meta:
+        return
+    rows = describe_plan(file)
+    t = Table(title=f"{file.name}: size plan (type asked -> written; loss: predicted increase, nats)")
+    for col, just in (("tensor", "left"), ("rank", "right"), ("type", "left"), ("KiB", "right"), ("loss", "right")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        written = "+".join(r.types)
+        typ = r.asked if r.asked == written else f"{r.asked} -> {written}"
+        t.add_row(r.name, str(r.rank) if r.rank else "dense", typ, f"{r.nbytes / 1024:.1f}",
+                  "" if math.isnan(r.loss) else f"{r.loss:.2e}")
+    total = sum(r.nbytes for r in rows)
+    loss = sum(r.loss for r in rows if not math.isnan(r.loss))
+    t.add_row("total", f"{sum(1 for r in rows if r.rank)} factored", "", f"{total / 1024:.1f}", f"{loss:.4f}")
+    out_console.print(t)
+    size = file.stat().st_size
+    out_console.print(f"file bytes = {size} ({size / 2**20:.2f} MiB); planned = {meta[KEY_SIZE_PLANNED]}; "
+                      f"tensors above = {total}", highlight=False)
 
 
 def _positive(**counts: Optional[int]) -> None:

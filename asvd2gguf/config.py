@@ -6,9 +6,12 @@ the pipeline; asvd2gguf.convert re-exports ConvertConfig.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .errors import UserError
 from .llamacpp_tree import cache_root
 
 DEFAULT_RATIO = 0.9  # when neither --ratio nor --ppl-target is given
@@ -47,6 +50,10 @@ class ConvertConfig:
     quant: str = "none"
     quant_dense: str | None = None
     quant_embd: str | None = None
+    size: str | None = None  # --size: the whole file's byte budget, e.g. "95M", "1.2G", "80MiB" (parse_size)
+    bpw: float | None = None  # --bpw: bits per weight over all of the original model's weights
+    types_only: bool = False  # with --size / --bpw: every block linear stays dense, only types are chosen
+    imatrix_out: Path | None = None  # also write the calibration's imatrix (llama-imatrix's GGUF format)
     sigma_split: str = "uv"
     dense: bool = False
     device: str = "auto"
@@ -57,9 +64,29 @@ class ConvertConfig:
     def resolved(self) -> ConvertConfig:
         """This configuration with the defaults that depend on other options filled in, as a new
         object (--ratio DEFAULT_RATIO when neither --ratio nor --ppl-target is given)."""
-        if self.ratio is None and self.ppl_target is None:
+        if self.ratio is None and self.ppl_target is None and self.size is None and self.bpw is None:
             return replace(self, ratio=DEFAULT_RATIO)
         return self
 
 
 DEFAULTS = ConvertConfig(model="")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A file size as --size takes it -> bytes. A positive number and an optional unit: K, M, G, T
+    (and KB, MB, GB, TB) are powers of 1000, KiB, MiB, GiB, TiB powers of 1024 (IEC 80000-13), no
+    unit means bytes; case-insensitive, e.g. "95M", "1.2G", "80MiB". Raises UserError (one line
+    naming --size) for anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise UserError(f"--size '{text}' is not a size: give a number with an optional unit K, M, G (powers of "
+                        "1000) or KiB, MiB, GiB (powers of 1024), e.g. 95M or 80MiB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if not (math.isfinite(value) and value >= 1):
+        raise UserError(f"--size '{text}' must be a positive, finite number of bytes")
+    return int(value)

@@ -23,13 +23,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 from .analysis import analyse
 from .blocks import BlockRunner, resolve_device
 from .calibrate import calibration_warning
 from .chat import calibration_tokens
-from .config import ConvertConfig
+from .config import ConvertConfig, parse_size
 from .decompose import METHODS, SCALINGS
 from .errors import Fallback, UserError
 from .factor import final_blocks
@@ -40,9 +42,10 @@ from .perplexity import cached_base_loss, calib_loss
 from .placement import main_device, map_summary, remove_offload, resolve_placement
 from .quantize import SIGMA_SPLITS, NonBlockEncoder, quantize_blocks
 from .quantize import plan as quant_plan
-from .ranks import plan_ranks
+from .ranks import RankPlan, plan_ranks
 from .sensitivity import SENSITIVITIES, ppl_sensitivity
 from .source import Source, load_source
+from .text import tokens_digest
 
 __all__ = ["ConvertConfig", "Result", "convert", "validate"]
 
@@ -64,6 +67,7 @@ class Result:
     fallbacks: list[Fallback]
     store_root: Path
     warnings: list[str] = field(default_factory=list)
+    plan: RankPlan | None = None  # the plan written (size plans: with its per-tensor choices and bytes)
 
 
 def validate(cfg: ConvertConfig) -> ConvertConfig:
@@ -71,6 +75,7 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
     object; `cfg` itself is not changed. Raises UserError naming the first bad option."""
     if cfg.ratio is not None and cfg.ppl_target is not None:
         raise UserError("give either --ratio or --ppl-target, not both")
+    _validate_size(cfg)
     cfg = cfg.resolved()
     if cfg.ratio is not None and not (0 < cfg.ratio <= 1):
         raise UserError(f"--ratio must be in (0, 1], got {cfg.ratio}")
@@ -99,9 +104,43 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
     return cfg
 
 
+def _validate_size(cfg: ConvertConfig) -> None:
+    """The size-plan options (--size, --bpw, --types-only) and what they exclude; UserError naming
+    the first conflict or bad value."""
+    sized = cfg.size is not None or cfg.bpw is not None
+    if cfg.size is not None and cfg.bpw is not None:
+        raise UserError("give either --size or --bpw, not both")
+    if sized and (cfg.ratio is not None or cfg.ppl_target is not None):
+        raise UserError(f"{'--size' if cfg.size is not None else '--bpw'} sets the budget: leave out --ratio and "
+                        "--ppl-target")
+    if cfg.size is not None:
+        parse_size(cfg.size)
+    if cfg.bpw is not None and not (0 < cfg.bpw <= 32):
+        raise UserError(f"--bpw must be in (0, 32] bits per weight, got {cfg.bpw}")
+    if cfg.types_only and not sized:
+        raise UserError("--types-only chooses types under --size or --bpw; give one of them")
+    if not sized:
+        return
+    if cfg.types_only and cfg.kv is not None and cfg.kv < 1:
+        raise UserError("--types-only keeps every linear dense: it cannot make the latent cache --kv asks for")
+    if cfg.quant != "none" or cfg.quant_dense is not None or cfg.quant_embd is not None:
+        raise UserError("--size / --bpw choose a type per tensor: leave out --quant, --quant-dense and --quant-embd")
+    if cfg.dense:
+        raise UserError("--size / --bpw plan the file's bytes: leave out --dense")
+    if cfg.sensitivity != "fisher":
+        raise UserError("--size / --bpw price every option with the fisher (K-FAC) prediction: leave --sensitivity "
+                        "at fisher")
+
+
 def default_out(cfg: ConvertConfig, name: str) -> Path:
-    """<model>-<method>-r<ratio>[-kv<kv>][-dense].gguf (ppl<target> instead of r<ratio>), in the
-    working folder."""
+    """<model>-<method>-r<ratio>[-kv<kv>][-dense].gguf (ppl<target>, s<size> or bpw<bpw>[-types]
+    instead of r<ratio>), in the working folder."""
+    if cfg.size is not None or cfg.bpw is not None:
+        tag = (f"s{cfg.size.replace(' ', '')}" if cfg.size is not None else f"bpw{cfg.bpw:g}")
+        tag += "-types" if cfg.types_only else ""
+        if cfg.kv is not None:
+            tag += f"-kv{cfg.kv:g}"
+        return Path(f"{name}-{cfg.method}-{tag}.gguf")
     tag = f"r{cfg.ratio:g}" if cfg.ratio is not None else f"ppl{cfg.ppl_target:g}"
     if cfg.kv is not None:
         tag += f"-kv{cfg.kv:g}"
@@ -149,6 +188,8 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     cfg = validate(cfg)
     if cfg.out is not None:
         check_out(cfg.out, cfg.force)
+    if cfg.imatrix_out is not None:
+        check_out(cfg.imatrix_out, cfg.force)
     placement = resolve_placement(cfg.device_map, cfg.max_memory, cfg.device)
     device = resolve_device(cfg.device) if placement is None else None
     src = load_source(cfg.model, cfg.cache_dir, placement)  # load
@@ -188,6 +229,9 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
         stages.done("exact perplexity sensitivity sweep")
     warnings = [w for w in (calibration_warning(int(tokens.numel()), infos),) if w]
 
+    if cfg.size is not None or cfg.bpw is not None:
+        return _convert_sized(cfg, src, runner, tokens, calib_desc, store, infos, out, stages, progress, t0, warnings)
+
     # plan
     plan = plan_ranks(infos, cfg, lambda ranks: calib_loss(runner, store, ranks, tokens),
                       lambda: cached_base_loss(runner, store, tokens), progress)
@@ -195,6 +239,12 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
 
     # factor
     blocks, plan = final_blocks(src.model, store, plan, cfg.dense, cfg.sigma_split)
+    if cfg.imatrix_out is not None:
+        from .calibrate import cached_stats
+
+        _write_imatrix(cfg, src, runner, tokens, calib_desc, blocks,
+                       cached_stats(src, runner, tokens, cfg.cache_dir, progress, need_fisher=False))
+        stages.done(f"imatrix written to {cfg.imatrix_out}")
 
     # quantize
     qplan = quant_plan(cfg.quant, cfg.outtype, cfg.quant_dense, cfg.quant_embd)
@@ -221,4 +271,211 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
     stages.done("GGUF written")
     fallbacks = [*plan.fallbacks, *quant_fallbacks, *(embd.fallbacks if embd else ())]
     return Result(out, plan.ratio, plan.kv, math.exp(loss), math.exp(base_loss), plan.table(), time.time() - t0,
-                  fallbacks, store.root, warnings)
+                  fallbacks, store.root, warnings, plan)
+
+
+# ---------------------------------------------------------------- size plans (--size / --bpw)
+
+# general.file_type (llama_ftype) of a size plan: that of the type holding most block-linear bytes
+SIZE_FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k": 12, "q4_k": 15,
+                   "q5_k": 17, "q6_k": 18, "iq4_nl": 25, "iq4_xs": 30}
+GGUF_ALIGN = 32  # general.alignment gguf-py writes with: each tensor's data is padded to it
+
+
+def _info_bytes(name: str, ndim: int) -> int:
+    """Bytes of one tensor info in the GGUF header (name, n_dims, dims, type, offset), plus the
+    worst-case alignment padding of its data."""
+    return 8 + len(name.encode()) + 4 + 8 * ndim + 4 + 8 + GGUF_ALIGN - 1
+
+
+def file_accounting(donor: Path, extra, linear_names: list[str], asvd_kv: int, outtype: str) -> tuple[int, int, int]:
+    """(metadata bytes, fixed tensor bytes, weights of the fixed tensors) of the file the writer makes.
+
+    metadata: the donor's header and key-value section, `asvd_kv` bytes of asvd.* keys (and the
+    " (ASVD)" of general.name), and per tensor its info and worst-case alignment padding (every
+    block linear counted as a factor pair, two tensors: an upper bound of at most ~100 bytes per
+    dense linear); fixed tensors: the non-block tensors besides token_embd / output (norms: F32;
+    any other 2-D tensor at --outtype). `linear_names`: "blk.<i>.<gguf>" of every block linear.
+    Units: bytes, and elements.
+    """
+    from .gguf_fast import FastGGUFReader
+    from .gguf_write import BLOCK_WEIGHT_SUFFIXES
+
+    reader = FastGGUFReader(donor)
+    if extra is not None:
+        layout = [(name, tuple(np.shape(arr))) for name, arr in extra]
+    else:
+        layout = [(t.name, tuple(int(d) for d in t.shape)) for t in reader.tensors
+                  if not t.name.endswith(BLOCK_WEIGHT_SUFFIXES)]
+    meta = reader.kv_end + asvd_kv + len(" (ASVD)") + sum(
+        _info_bytes(f"{base}.lr_out.weight", 2) + _info_bytes(f"{base}.lr_in.weight", 2) for base in linear_names)
+    fixed = weights = 0
+    for name, shape in layout:
+        meta += _info_bytes(name, len(shape))
+        if name in ("token_embd.weight", "output.weight"):
+            continue
+        n = int(np.prod(shape))
+        weights += n
+        fixed += 4 * n if len(shape) == 1 or outtype == "f32" else 2 * n
+    return meta, fixed, weights
+
+
+def _asvd_kv_bytes(cfg: ConvertConfig, calib_desc: str, n_layer: int, latent: bool, untied: bool) -> int:
+    """Upper bound of the asvd.* key-value bytes of a size plan's file: the keys of asvd_metadata and
+    size_metadata with the longest type name (6 characters) in every type slot."""
+    from .arch import LINEAR_KEYS, SPEC
+    from .gguf_keys import KEY_SIZE_TARGET, kv_bytes, loss_key, type_key
+
+    meta = asvd_metadata(cfg, calib_desc, 1.0, 1.0, latent, {k: [0] * n_layer for k in LINEAR_KEYS}, 1.0)
+    V = gguf.GGUFValueType
+    size = {KEY_SIZE_TARGET: (0, V.UINT64), "asvd.size.bpw": (0.0, V.FLOAT32), "asvd.size.planned": (0, V.UINT64),
+            "asvd.size.loss_predicted": (0.0, V.FLOAT32), "asvd.size.types_only": (False, V.BOOL)}
+    for k in LINEAR_KEYS:
+        size[type_key(SPEC[k].gguf)] = (["iq4_xs"] * n_layer, V.ARRAY)
+        size[loss_key(SPEC[k].gguf)] = ([0.0] * n_layer, V.ARRAY)
+    for name in ("token_embd", "output")[: 2 if untied else 1]:
+        size[type_key(name)] = ("iq4_xs", V.STRING)
+        size[loss_key(name)] = (0.0, V.FLOAT32)
+    return kv_bytes(meta) + kv_bytes(size)
+
+
+def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, store, infos, stats, lib, progress):
+    """Every priced Option per block linear and for token_embd (and an untied output), their shapes,
+    the head's imatrix and whether the embedding is tied. Cached per linear under
+    <cache_dir>/pricing, in three entries keyed by what determines them: the analysis entry and
+    the llama.cpp build, plus the dense types (dense options), the factor types, exact ranks,
+    rank grid and sigma split (factored options), the embedding types (embedding options)."""
+    from . import cache, llamacpp
+    from . import pricing as P
+    from .arch import SPEC, get_module
+    from .calibrate import cached_embedding_stats
+    from .placement import materialized
+    from .ranks import Option, size_ranks
+
+    base = (store.root.name, llamacpp.build_key())
+    dense_root = cfg.cache_dir / "pricing" / cache.key(*base, "dense", P.DENSE_TYPES, "v2")
+    fact_root = cfg.cache_dir / "pricing" / cache.key(*base, "factored", P.FACTOR_TYPES, P.EXACT_RANKS,
+                                                      cfg.rank_align, cfg.sigma_split, "v2")
+    options, shapes = {}, {}
+    todo = [info for info in infos if any(cache.load(r / f"L{info.layer:03d}.{info.key}.pt") is None
+                                          for r in (dense_root, fact_root))]
+    task = progress.add_task("pricing (rank, type) options", total=len(todo)) if progress and todo else None
+    for info in infos:
+        name = f"L{info.layer:03d}.{info.key}.pt"
+        dense, fact = cache.load(dense_root / name), cache.load(fact_root / name)
+        if dense is None or fact is None:
+            spec = SPEC[info.key]
+            lin = get_module(runner.layers[info.layer], spec.module)
+            with materialized(lin):
+                w = lin.weight.detach().float().cpu()
+            gx, gg = stats[info.layer].gram[spec.group], stats[info.layer].out_gram[info.key]
+            if dense is None:
+                dense = [o.to_dict() for o in P.price_dense(w, gx, gg, lib=lib)]
+                cache.save(dense, dense_root / name)
+            if fact is None:
+                fact = [o.to_dict() for o in P.price_factored(
+                    w, store.factorization(info.layer, info.key), size_ranks(info, cfg.rank_align), gx, gg,
+                    info.curves["fisher"], split=cfg.sigma_split, lib=lib)]
+                cache.save(fact, fact_root / name)
+            if task is not None:
+                progress.advance(task)
+        options[(info.layer, info.key)] = [Option.from_dict(d) for d in dense + fact]
+        shapes[(info.layer, info.key)] = (info.m, info.n)
+    emb = runner.inner.embed_tokens.weight
+    head = src.model.lm_head.weight
+    tied = head.data_ptr() == emb.data_ptr()
+    est = cached_embedding_stats(src, runner, tokens, cfg.cache_dir)
+    head_im = P.imatrix_dense(est["gh"])
+    path = cfg.cache_dir / "pricing" / cache.key(*base, "embd", src.fingerprint, tokens_digest(tokens), P.EMBD_TYPES,
+                                                 "v2") / "embd.pt"
+    hit = cache.load(path)
+    if hit is None:
+        hs = (est["gh"], est["gdiag"])
+        hit = {"token_embd": [o.to_dict() for o in P.price_embedding(
+            emb.detach().float(), head=hs if tied else None, inp=(est["freq"], est["ge"]),
+            imatrix=head_im if tied else None, lib=lib)]}
+        if not tied:
+            hit["output"] = [o.to_dict() for o in P.price_embedding(head.detach().float(), head=hs, imatrix=head_im,
+                                                                    lib=lib)]
+        cache.save(hit, path)
+    for name, opts in hit.items():
+        options[name] = [Option.from_dict(d) for d in opts]
+        shapes[name] = tuple(emb.shape if name == "token_embd" else head.shape)
+    return options, shapes, head_im, tied
+
+
+def _write_imatrix(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, calib_desc: str, blocks, stats):
+    """--imatrix-out: the importance matrix of every tensor of `blocks` (float, as factored) and of
+    the output head (token_embd.weight when tied: its matmul), in llama-imatrix's format."""
+    from .calibrate import cached_embedding_stats
+    from .imatrix import imatrix_entries, write_imatrix
+    from .pricing import imatrix_dense
+
+    est = cached_embedding_stats(src, runner, tokens, cfg.cache_dir)
+    tied = src.model.lm_head.weight.data_ptr() == runner.inner.embed_tokens.weight.data_ptr()
+    entries = imatrix_entries(blocks, [s.gram for s in stats], imatrix_dense(est["gh"]),
+                              "token_embd.weight" if tied else "output.weight")
+    write_imatrix(cfg.imatrix_out, entries, int(tokens.numel()), int(tokens.shape[1]), calib_desc, cfg.force)
+
+
+def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, calib_desc: str, store, infos,
+                   out: Path, stages: _Stages, progress, t0: float, warnings: list[str]) -> Result:
+    """The size-plan pipeline after the analysis: price -> plan -> factor -> quantize -> write.
+
+    Every block linear (and token_embd / output) takes the Option of ranks.plan_size under the
+    whole file's byte budget (--size; --bpw: bits per weight over the original model's weights,
+    tensor data only, as llama.cpp reports BPW), priced by pricing.py with llama.cpp's
+    quantizers (ggml_lib) and the calibration's K-FAC statistics."""
+    from . import ggml_lib
+    from .arch import SPEC
+    from .calibrate import cached_stats
+    from .gguf_keys import size_metadata
+    from .pricing import DENSE_TYPES
+    from .quantize import SizedNonBlock, quantize_sized
+    from .ranks import format_bytes, plan_size
+
+    lib = ggml_lib.load()
+    stats = cached_stats(src, runner, tokens, cfg.cache_dir, progress, need_fisher=True)
+    options, shapes, head_im, tied = _price_options(cfg, src, runner, tokens, store, infos, stats, lib, progress)
+    stages.done("priced every (rank, type) option and the embedding types")
+
+    donor, extra = donor_for(src, cfg.cache_dir)
+    asvd_kv = _asvd_kv_bytes(cfg, calib_desc, src.n_layer, bool(cfg.kv is not None and cfg.kv < 1), not tied)
+    names = [f"blk.{info.layer}.{SPEC[info.key].gguf}" for info in infos]
+    meta_bytes, fixed_data, fixed_weights = file_accounting(donor, extra, names, asvd_kv, cfg.outtype)
+    if cfg.size is not None:
+        max_bytes, what = parse_size(cfg.size), f"--size {cfg.size}"
+    else:
+        n_weights = fixed_weights + sum(info.m * info.n for info in infos) + sum(
+            shapes[k][0] * shapes[k][1] for k in ("token_embd", "output") if k in shapes)
+        max_bytes, what = meta_bytes + int(cfg.bpw * n_weights / 8), f"--bpw {cfg.bpw:g}"
+    plan = plan_size(infos, options, shapes, max_bytes, meta_bytes + fixed_data, cfg.kv, cfg.types_only,
+                     DENSE_TYPES, what)
+    stages.done(f"size plan: {format_bytes(plan.nbytes)} planned for {format_bytes(max_bytes)}, "
+                f"{sum(1 for r in plan.ranks.values() if r)} of {len(plan.ranks)} linears factored, "
+                f"predicted loss increase {plan.predicted_loss:.4f} nats")
+
+    float_blocks, plan = final_blocks(src.model, store, plan, False, cfg.sigma_split)
+    blocks, seen = quantize_sized(float_blocks, plan, [s.gram for s in stats], lib, progress)
+    stages.done("quantized block linears with llama.cpp's quantizers")
+    loss = calib_loss(runner, store, plan.ranks, tokens, seen)
+    base_loss = cached_base_loss(runner, store, tokens)
+    stages.done("calibration perplexity of the result")
+
+    meta = asvd_metadata(cfg, calib_desc, plan.ratio, plan.kv, plan.latent, plan.table(),
+                         math.exp(loss) if math.isfinite(loss) else 0.0)
+    meta.update(size_metadata(cfg, plan))
+    by_type: dict[str, int] = {}
+    for key in plan.ranks:
+        by_type[plan.choices[key].qtype] = by_type.get(plan.choices[key].qtype, 0) + plan.choices[key].nbytes
+    file_type = SIZE_FILE_TYPES.get(max(by_type, key=by_type.get), 1)
+    hf_config = src.model.config
+    write_gguf(out, donor, src.arch, src.n_layer, hf_config.num_attention_heads, hf_config.num_key_value_heads,
+               lambda i: blocks[i], extra, meta, cfg.outtype, progress,
+               nonblock_map=SizedNonBlock(plan, head_im, tied, lib), file_type=file_type)
+    stages.done("GGUF written")
+    if cfg.imatrix_out is not None:
+        _write_imatrix(cfg, src, runner, tokens, calib_desc, float_blocks, stats)
+        stages.done(f"imatrix written to {cfg.imatrix_out}")
+    return Result(out, plan.ratio, plan.kv, math.exp(loss), math.exp(base_loss), plan.table(), time.time() - t0,
+                  list(plan.fallbacks), store.root, warnings, plan)

@@ -125,6 +125,7 @@ class FastGGUFReader:
                 self.fields[key] = Field(key, [vtype], c.value(vtype))
             if key == stop_after:
                 return
+        self.kv_end = c.pos  # bytes of the header and the key-value section
         infos = []
         for _ in range(n_tensors):
             name = c.string()

@@ -31,11 +31,53 @@ KEY_CALIBRATION = "asvd.calibration"
 KEY_QUANT = "asvd.quant"
 KEY_SIGMA_SPLIT = "asvd.sigma_split"
 RANK_PREFIX = "asvd.rank."  # + the linear's GGUF base name: rank per layer, 0 = dense
+# size plans (--size / --bpw) only
+KEY_SIZE_TARGET = "asvd.size.target"
+KEY_SIZE_BPW = "asvd.size.bpw"
+KEY_SIZE_PLANNED = "asvd.size.planned"
+KEY_SIZE_LOSS = "asvd.size.loss_predicted"
+KEY_SIZE_TYPES_ONLY = "asvd.size.types_only"
+TYPE_PREFIX = "asvd.type."  # + GGUF base name: the type asked per layer (block linears) or the tensor's type
+LOSS_PREFIX = "asvd.loss."  # + GGUF base name: predicted loss increase (nats) per layer, or of the tensor
 
 
 def rank_key(gguf_name: str) -> str:
     """The key of one block linear's per-layer ranks, e.g. rank_key("attn_k") = "asvd.rank.attn_k"."""
     return RANK_PREFIX + gguf_name
+
+
+def type_key(gguf_name: str) -> str:
+    """The key of a tensor's (or a linear's per-layer) planned types, e.g. "asvd.type.ffn_down"."""
+    return TYPE_PREFIX + gguf_name
+
+
+def loss_key(gguf_name: str) -> str:
+    """The key of a tensor's (or a linear's per-layer) predicted loss increase, e.g. "asvd.loss.ffn_down"."""
+    return LOSS_PREFIX + gguf_name
+
+
+def size_metadata(cfg, plan) -> dict:
+    """The asvd.size.* / asvd.type.* / asvd.loss.* keys of a size plan (`plan`: a ranks.RankPlan
+    with choices), {key: (value, GGUFValueType)}: the budget asked (bytes, or bits per weight),
+    the planned file bytes, the summed predicted loss increase (nats), and per block linear its
+    type per layer and predicted loss per layer; token_embd / output as single values."""
+    V = gguf.GGUFValueType
+    meta = {
+        KEY_SIZE_TARGET: (int(plan.budget_bytes), V.UINT64),
+        KEY_SIZE_BPW: (float(cfg.bpw or 0.0), V.FLOAT32),
+        KEY_SIZE_PLANNED: (int(plan.nbytes), V.UINT64),
+        KEY_SIZE_LOSS: (float(plan.predicted_loss), V.FLOAT32),
+        KEY_SIZE_TYPES_ONLY: (bool(cfg.types_only), V.BOOL),
+    }
+    for k in LINEAR_KEYS:
+        opts = [plan.choices[(i, k)] for i in range(plan.n_layer)]
+        meta[type_key(SPEC[k].gguf)] = ([o.qtype for o in opts], V.ARRAY)
+        meta[loss_key(SPEC[k].gguf)] = ([float(o.cost) for o in opts], V.ARRAY)
+    for name in ("token_embd", "output"):
+        if name in plan.choices:
+            meta[type_key(name)] = (plan.choices[name].qtype, V.STRING)
+            meta[loss_key(name)] = (float(plan.choices[name].cost), V.FLOAT32)
+    return meta
 
 
 def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
@@ -71,3 +113,26 @@ def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
         for k in LINEAR_KEYS:
             meta[rank_key(SPEC[k].gguf)] = ([int(x) for x in rank_table[k]], V.ARRAY)
     return meta
+
+
+_SCALAR_BYTES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def kv_bytes(meta: dict) -> int:
+    """Bytes `meta` ({key: (value, GGUFValueType)}, as asvd_metadata returns it) takes in a GGUF
+    key-value section (GGUF spec v3: key as u64 length + bytes, u32 type, the value; arrays as u32
+    element type + u64 count + elements, as gguf-py writes them: ints INT32, floats FLOAT32)."""
+    V = gguf.GGUFValueType
+    total = 0
+    for key, (value, vtype) in meta.items():
+        total += 8 + len(key.encode()) + 4
+        if vtype == V.STRING:
+            total += 8 + len(str(value).encode())
+        elif vtype == V.ARRAY:
+            total += 4 + 8 + sum(8 + len(v.encode()) if isinstance(v, str) else 4 for v in value)
+        else:
+            total += _SCALAR_BYTES[vtype]
+    return total

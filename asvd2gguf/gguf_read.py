@@ -168,3 +168,57 @@ def load_gguf_model(path: Path, tokenizer_from: Path | None = None, with_tokeniz
     tokenizer = AutoTokenizer.from_pretrained(tok_path.parent, gguf_file=tok_path.name) if tok_path.suffix == ".gguf" \
         else AutoTokenizer.from_pretrained(tok_path)
     return model, tokenizer, info
+
+
+@dataclass
+class TensorRow:
+    """One planned tensor as `inspect` shows it: its name, rank (0 dense), written GGUF type(s)
+    (A's, B's for a pair), data bytes and predicted loss increase (nats; NaN when the file does not
+    record it), and the type the plan asked for."""
+
+    name: str
+    rank: int
+    types: tuple[str, ...]
+    nbytes: int
+    loss: float
+    asked: str
+
+
+def describe_plan(path: Path) -> list[TensorRow]:
+    """Every block linear and token_embd / output of a GGUF as written: rank, types and bytes from
+    the tensors themselves, the type asked and the predicted loss from the asvd.type.* / asvd.loss.*
+    keys of a size plan (absent keys: the written type, NaN). Raises UserError as describe_gguf."""
+    from .gguf_keys import loss_key, type_key
+
+    reader = open_gguf(path)
+    info = describe_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def tname(t) -> str:
+        return t.tensor_type.name.lower()
+
+    rows = []
+    for spec in LINEARS:
+        asked = field_value(reader, type_key(spec.gguf))
+        losses = field_value(reader, loss_key(spec.gguf))
+        for i in range(info.n_layer):
+            base = f"blk.{i}.{spec.gguf}"
+            r = info.ranks[spec.key][i]
+            names = (f"{base}.lr_out.weight", f"{base}.lr_in.weight") if r else (f"{base}.weight",)
+            ts = [tensors[n] for n in names]
+            rows.append(TensorRow(base, r, tuple(tname(t) for t in ts), sum(int(t.n_bytes) for t in ts),
+                                  float(losses[i]) if losses is not None else float("nan"),
+                                  str(asked[i]) if asked is not None else tname(ts[0])))
+    for name in ("token_embd", "output"):
+        t = tensors.get(f"{name}.weight")
+        if t is not None:
+            loss = field_value(reader, loss_key(name))
+            rows.append(TensorRow(name, 0, (tname(t),), int(t.n_bytes),
+                                  float(loss) if loss is not None else float("nan"),
+                                  str(field_value(reader, type_key(name)) or tname(t))))
+    return sorted(rows, key=lambda row: (row.name.split(".")[0] != "token_embd", _layer_of(row.name), row.name))
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" else 1 << 30

@@ -123,3 +123,72 @@ class NonBlockEncoder:
             return encode(torch.as_tensor(np.ascontiguousarray(arr)), self.qplan.embd, name, self.fallbacks,
                           self.device)
         return arr
+
+
+# ---------------------------------------------------------------- size plans (--size / --bpw)
+#
+# Every tensor at the type its plan Option chose, quantized by llama.cpp's own code (ggml_lib) with
+# the calibration's importance matrix, as pricing.py priced it: diag(Gx) for a dense weight and the
+# input factor B, diag(B Gx B^T) for the output factor A (its input is B x).
+
+
+def _ggml_quantized(t: torch.Tensor, qtype: str, imatrix, lib) -> tuple[Quantized, torch.Tensor]:
+    """(t (rows, n) at written type `qtype` as raw blocks, its dequantized float32 copy)."""
+    from . import ggml_lib as G
+
+    x = t.detach().float().cpu().numpy()
+    data = G.quantize(x, qtype, imatrix, lib)
+    deq = torch.from_numpy(G.dequantize(data, qtype, x.shape[1], lib))
+    return Quantized(G.type_of(qtype), torch.from_numpy(data), tuple(x.shape)), deq
+
+
+def quantize_sized(blocks: list, plan, grams: list[dict[str, torch.Tensor]], lib=None, progress=None):
+    """Quantize every block linear at its size-plan type: (blocks for writing, blocks as decoded).
+
+    blocks: factor.final_blocks' float tensors; plan: a ranks.RankPlan with choices (the written
+    types of each Option are used, so a fallback's new choice is honoured); grams: per layer the
+    input Gram X^T X / T per input group (calibrate.LayerStats.gram), for the imatrix.
+    """
+    from .arch import SPEC
+    from .pricing import imatrix_dense, imatrix_factor_a
+
+    key_of = {SPEC[k].gguf: k for k in SPEC}
+    written, seen = [], []
+    task = progress.add_task("quantizing (size plan)", total=len(blocks)) if progress else None
+    for i, row in enumerate(blocks):
+        wrow, drow = [], []
+        for bt in row:
+            key = key_of[bt.key]
+            opt = plan.choices[(i, key)]
+            gx = grams[i][SPEC[key].group].float()
+            if bt.weight is not None:
+                w, dw = _ggml_quantized(bt.weight, opt.types[0], imatrix_dense(gx), lib)
+                wrow.append(replace(bt, weight=w))
+                drow.append(replace(bt, weight=dw))
+            else:
+                b, db = _ggml_quantized(bt.b, opt.types[1], imatrix_dense(gx), lib)
+                a, da = _ggml_quantized(bt.a, opt.types[0], imatrix_factor_a(bt.b.float(), gx), lib)
+                wrow.append(replace(bt, a=a, b=b))
+                drow.append(replace(bt, a=da, b=db))
+        written.append(wrow)
+        seen.append(drow)
+        if progress:
+            progress.advance(task)
+    return written, seen
+
+
+class SizedNonBlock:
+    """gguf_write's `nonblock_map` for a size plan: token_embd / output at their planned types
+    (llama.cpp's quantizers; imatrix: the head's input statistic diag(Gh) for a matrix used as the
+    output head, none for an untied token_embd, as llama-quantize has none for it)."""
+
+    def __init__(self, plan, head_imatrix, tied: bool, lib=None):
+        self.plan, self.head_imatrix, self.tied, self.lib = plan, head_imatrix, tied, lib
+
+    def __call__(self, name: str, arr):
+        base = name.removesuffix(".weight")
+        opt = self.plan.choices.get(base)
+        if opt is None or np.ndim(arr) != 2:
+            return arr
+        im = self.head_imatrix if (base == "output" or self.tied) else None
+        return _ggml_quantized(torch.as_tensor(np.ascontiguousarray(arr)), opt.types[0], im, self.lib)[0]

@@ -18,21 +18,52 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .allocate import RankCandidates, Unreachable, allocate
+from .allocate import RankCandidates, Unreachable, allocate, allocate_bytes
 from .arch import KV_KEYS, LINEAR_KEYS
 from .errors import Fallback, UserError
+from .ggml_lib import dense_bytes, pair_bytes
 
 if TYPE_CHECKING:
     from .analysis import LinearInfo
     from .config import ConvertConfig
 
 Linear = tuple[int, str]  # (layer index, linear key such as "attn_k")
+NONBLOCK = ("token_embd", "output")  # the other tensors a size plan types (GGUF base names)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to write one tensor under a byte budget (pricing.py prices them). rank: 0 dense,
+    else the factor pair's rank. qtype: the type asked for (a ggml_lib.TYPES name); types: the
+    types written after llama-quantize's row-size fallbacks, one for a dense tensor, (A's, B's)
+    for a pair. nbytes: tensor data bytes. cost: predicted loss increase (nats). width: latent
+    K+V channels it puts in the cache (its rank for K/V under a latent cache, else 0). exact:
+    priced by the quadratic form itself (False: interpolated between priced ranks)."""
+
+    rank: int
+    qtype: str
+    types: tuple[str, ...]
+    nbytes: int
+    cost: float
+    width: int = 0
+    exact: bool = True
+
+    def to_dict(self) -> dict:
+        """Plain values (for the cache and the metadata)."""
+        return {"rank": self.rank, "qtype": self.qtype, "types": list(self.types), "nbytes": self.nbytes,
+                "cost": self.cost, "width": self.width, "exact": self.exact}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Option:
+        """Inverse of to_dict."""
+        return cls(int(d["rank"]), str(d["qtype"]), tuple(d["types"]), int(d["nbytes"]), float(d["cost"]),
+                   int(d["width"]), bool(d["exact"]))
 NO_LIMIT = 1 << 62  # the KV width budget when no latent cache is asked for
 
 
@@ -148,11 +179,17 @@ class RankPlan:
     shapes: Mapping[Linear, tuple[int, int]]  # (m, n) = (n_out, n_in)
     budget: Budget
     fallbacks: tuple[Fallback, ...] = ()
+    # size plans (--size / --bpw) only: the Option of every block linear (by Linear) and of
+    # token_embd / output (by name), and the bytes of everything else in the file
+    choices: Mapping[Linear | str, Option] = field(default_factory=dict)
+    fixed_bytes: int = 0
+    budget_bytes: int = 0  # the byte budget of the whole file the plan was made for
     n_layer: int = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "ranks", MappingProxyType(dict(self.ranks)))
         object.__setattr__(self, "shapes", MappingProxyType(dict(self.shapes)))
+        object.__setattr__(self, "choices", MappingProxyType(dict(self.choices)))
         object.__setattr__(self, "n_layer", 1 + max((i for i, _ in self.ranks), default=-1))
 
     @property
@@ -178,9 +215,36 @@ class RankPlan:
         """key -> rank per layer, the layout of the asvd.rank.* keys."""
         return {k: [self.ranks[(i, k)] for i in range(self.n_layer)] for k in LINEAR_KEYS}
 
+    @property
+    def sized(self) -> bool:
+        """Whether this is a size plan (types chosen per tensor under a byte budget)."""
+        return bool(self.choices)
+
+    @property
+    def nbytes(self) -> int:
+        """Planned file size (bytes) of a size plan: the chosen tensors plus everything fixed."""
+        return self.fixed_bytes + sum(o.nbytes for o in self.choices.values())
+
+    @property
+    def predicted_loss(self) -> float:
+        """Summed predicted loss increase (nats) of a size plan's choices."""
+        return sum(o.cost for o in self.choices.values())
+
     def with_rank(self, linear: Linear, rank: int, fallback: Fallback) -> RankPlan:
-        """A new plan with `linear` at `rank`, recording why."""
-        return RankPlan({**self.ranks, linear: rank}, self.shapes, self.budget, self.fallbacks + (fallback,))
+        """A new plan with `linear` at `rank`, recording why (a size plan keeps the linear's type;
+        its bytes are recomputed, its predicted loss is unknown: nan)."""
+        choices = dict(self.choices)
+        if linear in choices:
+            m, n = self.shapes[linear]
+            old = choices[linear]
+            if rank:
+                nbytes, types = pair_bytes(m, n, rank, old.qtype)
+            else:
+                nbytes, t = dense_bytes(m, n, old.qtype)
+                types = (t,)
+            choices[linear] = Option(rank, old.qtype, types, nbytes, float("nan"), old.width and rank)
+        return RankPlan({**self.ranks, linear: rank}, self.shapes, self.budget, self.fallbacks + (fallback,),
+                        choices, self.fixed_bytes, self.budget_bytes)
 
 
 def ranks_of(infos: list[LinearInfo], cands: list[RankCandidates], choice: list[int]) -> dict[Linear, int]:
@@ -244,3 +308,103 @@ def _search_ppl_target(infos, cands, budget: Budget, cfg, loss_of, base_loss, pr
     if best is None:
         best = allocate(cands, int(hi * budget.dense_total), budget.max_width, cfg.allocation)
     return best.choice
+
+
+def size_ranks(info: LinearInfo, align: int) -> list[int]:
+    """The ranks a size plan may factor `info` at: the multiples of `align` up to kept_rank (below
+    the full rank), and for K/V also the full width (the exact latent of a latent cache)."""
+    top = kept_rank(info.key, info.m, info.n)
+    ranks = list(range(align, min(top, info.full_rank - 1) + 1, align))
+    if info.key in KV_KEYS and info.full_rank not in ranks:
+        ranks.append(info.full_rank)
+    return ranks
+
+
+def _uniform(t: str, keys: list, opts: list[list[Option]], shapes: Mapping, latent: bool) -> list[int] | None:
+    """The allocation "every tensor at type t" as option indices, or None if some tensor cannot take it.
+
+    Dense at t's written type for every tensor (K/V under a latent cache: the exact full-width
+    latent at t); a tensor without t (e.g. an embedding without 2-bit options) takes its smallest
+    option at least as large as t would be, else its largest."""
+    from .ggml_lib import fallback, name_of
+
+    out = []
+    for key, os_ in zip(keys, opts):
+        m, n = shapes[key]
+        if latent and not isinstance(key, str) and key[1] in KV_KEYS:
+            full = min(m, n)
+            want = pair_bytes(m, n, full, t)[1]
+            idx = [i for i, o in enumerate(os_) if o.rank == full and o.types == want]
+        else:
+            want_t = name_of(fallback(t, n))
+            idx = [i for i, o in enumerate(os_) if o.rank == 0 and o.types == (want_t,)]
+            if not idx and isinstance(key, str):
+                size = dense_bytes(m, n, t)[0]
+                dense = sorted((o.nbytes, i) for i, o in enumerate(os_) if o.rank == 0)
+                bigger = [i for b, i in dense if b >= size]
+                idx = bigger[:1] or [dense[-1][1]]
+        if not idx:
+            return None
+        out.append(idx[0])
+    return out
+
+
+def plan_size(infos: list[LinearInfo], options: Mapping[Linear | str, list[Option]],
+              shapes: Mapping[Linear | str, tuple[int, int]], max_bytes: int, fixed_bytes: int,
+              kv: float | None, types_only: bool = False, uniform_types: tuple[str, ...] = (),
+              what: str = "--size") -> RankPlan:
+    """The plan of a byte budget: per block linear (and token_embd / output) one priced Option.
+
+    infos: the analysed block linears; options: their priced options (pricing.py; for every
+    linear, and for each name of NONBLOCK present); shapes: (m, n) of every key of `options`;
+    max_bytes: the whole file's budget; fixed_bytes: what the file holds besides these tensors
+    (header, metadata, norms: convert.py accounts it); kv: --kv (K/V then only factored, at a
+    latent width within budget); types_only: no factored option (pure type allocation);
+    uniform_types: the single types whose uniform allocation the plan must not lose to.
+    Solved by allocate.allocate_bytes (exact in the bytes, Lagrange-priced in the KV width).
+    Raises UserError naming the smallest reachable file (or latent width) when the budget is
+    unreachable.
+    """
+    budget = Budget.of(infos, kv)
+    lin_keys: list[Linear | str] = [(info.layer, info.key) for info in infos]
+    keys = lin_keys + [k for k in NONBLOCK if k in options]
+    kept: list[list[Option]] = []
+    cands = []
+    for key in keys:
+        opts = list(options[key])
+        kv_lat = budget.latent and not isinstance(key, str) and key[1] in KV_KEYS
+        full = min(shapes[key])
+        if kv_lat:
+            opts = [replace(o, width=o.rank) for o in opts if o.rank]
+        else:
+            opts = [replace(o, width=0) for o in opts if o.rank == 0 or (o.rank < full and not types_only)]
+        if not opts:
+            raise UserError(f"no options to write {key} with")
+        kept.append(opts)
+        name = key if isinstance(key, str) else f"blk.{key[0]}.{key[1]}"
+        cands.append(RankCandidates(name, np.arange(len(opts)), np.array([o.nbytes for o in opts], dtype=np.int64),
+                                    np.array([o.width for o in opts], dtype=np.int64),
+                                    np.array([o.cost for o in opts])))
+    # RankCandidates sorts its options by size: keep the Option lists in the same order
+    kept = [[opts[int(i)] for i in c.ranks] for opts, c in zip(kept, cands)]
+    for c in cands:
+        c.ranks = np.arange(len(c.ranks))
+    seeds = [u for t in uniform_types if (u := _uniform(t, keys, kept, shapes, budget.latent)) is not None]
+    try:
+        alloc = allocate_bytes(cands, max_bytes - fixed_bytes, budget.max_width, seeds)
+    except Unreachable as e:
+        if e.min_width > budget.max_width:
+            raise UserError(f"--kv {kv:g} cannot be reached: the smallest latent cache is "
+                            f"{e.min_width / budget.kv_full:.3f} of K+V") from None
+        raise UserError(f"{what} cannot be reached: the smallest possible file is "
+                        f"{format_bytes(fixed_bytes + e.min_params)}") from None
+    choices = {key: opts[i] for key, opts, i in zip(keys, kept, alloc.choice)}
+    ranks = {key: choices[key].rank for key in lin_keys}
+    lin_shapes = {(info.layer, info.key): (info.m, info.n) for info in infos}
+    return RankPlan(ranks, {**lin_shapes, **{k: shapes[k] for k in keys if isinstance(k, str)}}, budget, (),
+                    choices, fixed_bytes, max_bytes)
+
+
+def format_bytes(n: int) -> str:
+    """A byte count for messages: MiB with two decimals and the exact count, e.g. '95.37 MiB (100000000 bytes)'."""
+    return f"{n / 2**20:.2f} MiB ({n} bytes)"

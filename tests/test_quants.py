@@ -1,12 +1,10 @@
 """The project's torch quantizers against ggml's C reference (bit for bit) and against themselves.
 
 ggml's side is `ggml_quantize_chunk` and the type traits' `to_float` from the patched build's
-libggml-base.so (asvd2gguf.llamacpp.build(), cached), called through ctypes.
+libggml-base.so (asvd2gguf.llamacpp.build(), cached), through asvd2gguf.ggml_lib's ctypes bindings.
 """
 
 from __future__ import annotations
-
-import ctypes
 
 import gguf
 import numpy as np
@@ -14,46 +12,25 @@ import pytest
 import torch
 from gguf_fixtures import finish_gguf
 
+from asvd2gguf import ggml_lib as G
 from asvd2gguf import ggml_quants as Q
-from asvd2gguf import llamacpp
 
 TYPES = ("q8_0", "iq4_nl", "nf4")
 
 
-class _Traits(ctypes.Structure):
-    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
-
-
 @pytest.fixture(scope="module")
-def ggml():
-    lib = ctypes.CDLL(str(llamacpp.build() / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    return lib
+def ggml(bins):
+    return G.load(bins)
 
 
 def c_quantize(lib, qtype: int, x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rows, n = x.shape
-    row_bytes = n // Q.QK * gguf.GGML_QUANT_SIZES[qtype][1]
-    out = np.zeros((rows, row_bytes), dtype=np.uint8)
-    got = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
-    assert got == out.nbytes
+    out = G.quantize(x, qtype, None, lib)
+    assert out.shape[1] == x.shape[1] // Q.QK * gguf.GGML_QUANT_SIZES[qtype][1]
     return out
 
 
 def c_dequantize(lib, qtype: int, data: np.ndarray, n: int) -> np.ndarray:
-    traits = lib.ggml_get_type_traits(int(qtype)).contents
-    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
-    out = np.zeros(data.shape[0] * n, dtype=np.float32)
-    data = np.ascontiguousarray(data)
-    fn(data.ctypes.data, out.ctypes.data, out.size)
-    return out.reshape(data.shape[0], n)
+    return G.dequantize(data, qtype, n, lib)
 
 
 def awkward_matrix(seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""`convert --size / --bpw` end to end on the tiny llama: the file meets the budget, its size is the
+plan's byte accounting, its tensors are the planned types (llama.cpp's quantizers), and the
+patched llama.cpp runs it."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from clitools import run_cli
+
+from asvd2gguf import ggml_lib as G
+from asvd2gguf.convert import ConvertConfig, convert
+from asvd2gguf.gguf_keys import KEY_SIZE_PLANNED, type_key
+
+pytestmark = pytest.mark.llama
+
+
+def _cfg(model, out, calib, cache, **kw):
+    base = dict(model=str(model), out=out, calib=str(calib), calib_samples=4, calib_seqlen=64, cache_dir=cache,
+                device="cpu")
+    base.update(kw)
+    return ConvertConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def f16_size(tiny_models, calib_text, cache_dir, tmp_path_factory, bins):
+    """The planned bytes of the tiny llama with every tensor at F16 (a budget that allows it)."""
+    out = tmp_path_factory.mktemp("size") / "big.gguf"
+    res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size="1G"))
+    assert all(o.qtype == "f16" and o.rank == 0 for o in res.plan.choices.values())
+    return res.plan.nbytes
+
+
+@pytest.mark.parametrize("frac,kw", [(0.25, {}), (0.6, {"types_only": True}), (0.5, {"kv": 0.5})])
+def test_size_plan_file(frac, kw, f16_size, tiny_models, calib_text, cache_dir, tmp_path, text_small):
+    size = int(f16_size * frac)
+    out = tmp_path / "s.gguf"
+    res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size=str(size), **kw))
+    plan = res.plan
+    actual = out.stat().st_size
+    assert plan.nbytes <= size
+    assert abs(actual - plan.nbytes) <= 0.01 * actual, (actual, plan.nbytes)
+    reader = gguf.GGUFReader(out)
+    assert int(reader.fields[KEY_SIZE_PLANNED].contents()) == plan.nbytes
+    tensors = {t.name: t for t in reader.tensors}
+    for (i, key), opt in ((k, o) for k, o in plan.choices.items() if not isinstance(k, str)):
+        gname = {"attn_q": "attn_q", "attn_k": "attn_k", "attn_v": "attn_v", "attn_output": "attn_output",
+                 "ffn_gate": "ffn_gate", "ffn_up": "ffn_up", "ffn_down": "ffn_down"}[key]
+        if opt.rank:
+            assert G.name_of(tensors[f"blk.{i}.{gname}.lr_out.weight"].tensor_type) == opt.types[0]
+            assert G.name_of(tensors[f"blk.{i}.{gname}.lr_in.weight"].tensor_type) == opt.types[1]
+        else:
+            assert G.name_of(tensors[f"blk.{i}.{gname}.weight"].tensor_type) == opt.types[0]
+    assert G.name_of(tensors["token_embd.weight"].tensor_type) == plan.choices["token_embd"].types[0]
+    assert list(reader.fields[type_key("attn_q")].contents()) == [plan.choices[(i, "attn_q")].qtype
+                                                                  for i in range(plan.n_layer)]
+    if kw.get("types_only"):
+        assert not any(plan.ranks.values())
+    if not kw:  # a tight budget: factor pairs with K-quant factors, which the runtime must run
+        assert any(o.rank and any(t.endswith("_k") for t in o.types) for o in plan.choices.values())
+    if "kv" in kw:
+        assert plan.kv <= 0.5
+    # the patched llama.cpp loads and runs it
+    from runtime_tools import ppl
+
+    res_ppl = ppl(out, text_small)
+    assert np.isfinite(res_ppl["ppl"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tokenizer_dir):
+    """--bpw: tensor data of at most B bits per original weight; Gemma 3 (scaled embedding, sliding
+    window) through the embedding statistics as well."""
+    from conftest import make_tiny
+
+    model = tiny_models.get(arch) or make_tiny(arch, tmp_path / arch, tokenizer_dir)
+    out = tmp_path / "b.gguf"
+    res = convert(_cfg(model, out, calib_text, cache_dir, bpw=6.0))
+    reader = gguf.GGUFReader(out)
+    data = sum(int(t.n_bytes) for t in reader.tensors)
+    n_weights = sum(int(np.prod(t.shape)) for t in reader.tensors if not t.name.endswith(("lr_in.weight",
+                                                                                         "lr_out.weight")))
+    n_weights += sum(int(res.plan.shapes[k][0] * res.plan.shapes[k][1]) for k, r in res.plan.ranks.items() if r)
+    assert data * 8 / n_weights <= 6.0
+    assert abs(out.stat().st_size - res.plan.nbytes) <= 0.01 * out.stat().st_size
+    from runtime_tools import ppl
+
+    assert np.isfinite(ppl(out, text_small)["ppl"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--size", "95M", "--ratio", "0.9"], "leave out --ratio"),
+    (["--size", "95M", "--bpw", "4"], "either --size or --bpw"),
+    (["--size", "lots"], "--size 'lots' is not a size"),
+    (["--types-only"], "--types-only chooses types under --size or --bpw"),
+    (["--size", "95M", "--quant", "q8_0"], "leave out --quant"),
+    (["--bpw", "0"], "--bpw must be in"),
+    (["--size", "1K"], "smallest possible file is"),
+    (["--size", "1M", "--types-only", "--kv", "0.5"], "--types-only keeps every linear dense"),
+])
+def test_size_errors(args, msg, tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    rc, _, err = run_cli(["convert", str(tiny_models["llama"]), "--out", str(tmp_path / "x.gguf"), "--calib",
+                          str(calib_text), "--calib-samples", "4", "--calib-seqlen", "64", "--cache-dir",
+                          str(cache_dir), "--device", "cpu", *args], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(errors) == 1 and msg in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_imatrix_out_is_read_by_llama_quantize(tiny_models, calib_text, cache_dir, tmp_path, bins, text_small):
+    import subprocess
+
+    import gguf as g
+
+    out, im = tmp_path / "lr.gguf", tmp_path / "lr.imatrix.gguf"
+    convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, ratio=0.7, outtype="f16", imatrix_out=im))
+    reader = g.GGUFReader(im)
+    names = {t.name for t in reader.tensors}
+    model = {t.name for t in g.GGUFReader(out).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    assert {n + ".in_sum2" for n in model} <= names and {n + ".counts" for n in model} <= names
+    assert "token_embd.weight.in_sum2" in names  # the tied head's matmul
+    q = tmp_path / "lr-q4_k_m.gguf"
+    res = subprocess.run([str(bins / "llama-quantize"), "--imatrix", str(im), str(out), str(q), "Q4_K_M", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = res.stdout + res.stderr
+    assert f"loaded {len(names) // 2} importance matrix entries" in log, log[-3000:]
+    assert "did not find weights" not in log
+    from runtime_tools import ppl
+
+    assert np.isfinite(ppl(q, text_small)["ppl"])
+
+
+def test_inspect_shows_the_plan(f16_size, tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    out = tmp_path / "s.gguf"
+    res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size=str(int(f16_size * 0.45))))
+    capsys.readouterr()
+    rc, text, _ = run_cli(["inspect", str(out)], capsys)
+    assert rc == 0
+    assert "size plan" in text and "token_embd" in text and "total" in text
+    assert f"planned = {res.plan.nbytes}" in text
+    from asvd2gguf.gguf_read import describe_plan
+
+    rows = describe_plan(out)
+    assert len(rows) == len(res.plan.choices)
+    for row in rows:
+        key = row.name if not row.name.startswith("blk.") else (int(row.name.split(".")[1]), row.name.split(".")[2])
+        opt = res.plan.choices[key]
+        assert (row.rank, row.types, row.nbytes, row.asked) == (opt.rank, opt.types, opt.nbytes, opt.qtype)
+        assert row.loss == pytest.approx(opt.cost, rel=1e-6, abs=1e-30)
