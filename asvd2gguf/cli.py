@@ -138,7 +138,7 @@ def convert(
 def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or any llama-family GGUF).")):
     """Per-layer ranks, parameter ratio, KV ratio and asvd.* metadata of a GGUF."""
     from .arch import LINEARS
-    from .gguf_keys import LOSS_PREFIX, RANK_PREFIX, TYPE_PREFIX
+    from .gguf_keys import KEY_PPL_TARGET, LOSS_PREFIX, RANK_PREFIX, TYPE_PREFIX
     from .gguf_read import describe_gguf
 
     info = describe_gguf(file)
@@ -152,7 +152,9 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
     out_console.print(t)
     for k, v in sorted(info.meta.items()):
         if not k.startswith((RANK_PREFIX, TYPE_PREFIX, LOSS_PREFIX)):
-            out_console.print(f"{k} = {v}", highlight=False)
+            # the key is always written, 0 meaning "no --ppl-target" (docs/gguf-format.md)
+            shown = "none" if k == KEY_PPL_TARGET and not v else v
+            out_console.print(f"{k} = {shown}", highlight=False)
     out_console.print(f"block-linear ratio (from tensors) = {info.ratio():.4f}", highlight=False)
     out_console.print(f"KV width ratio (from tensors) = {info.kv_ratio():.4f}", highlight=False)
     _show_plan(file, info.meta)

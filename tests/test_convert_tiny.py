@@ -93,6 +93,7 @@ def test_inspect_and_ppl_commands(tiny_models, calib_text, cache_dir, tmp_path, 
     assert f"wrote {out}" in so
     code, so, _ = run_cli(["inspect", out], capsys)
     assert code == 0 and "asvd.method = hybrid" in so and "block-linear ratio (from tensors) = 0.7" in so
+    assert "asvd.ppl.target = none" in so  # stored as 0.0 when no --ppl-target was given
     code, so, _ = run_cli(["ppl", out, "--text", calib_text, "--ctx", "64", "--chunks", "3"], capsys)
     assert code == 0 and so.strip().splitlines()[-1].startswith("PPL = ")
 
