@@ -78,6 +78,18 @@ def quantized(t: torch.Tensor, qtype: str, imatrix: np.ndarray | None, lib) -> t
     return data, torch.from_numpy(deq), G.name_of(tt)
 
 
+def _distinct_types(rows: int, cols: int, types) -> list[tuple[str, int, object]]:
+    """(name asked, bytes, written type) per type of a rows x cols tensor, once per written type:
+    types that fall back to the same written type are one option (the first name keeps it)."""
+    out, seen = [], set()
+    for t in types:
+        nbytes, tt = dense_bytes(rows, cols, t)
+        if tt not in seen:
+            seen.add(tt)
+            out.append((t, nbytes, tt))
+    return out
+
+
 def price_dense(w: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor, types=DENSE_TYPES, lib=None) -> list[Option]:
     """The dense options of one linear: per type, bytes and the predicted loss of its rounding.
 
@@ -86,12 +98,8 @@ def price_dense(w: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor, types=DENSE
     m, n = w.shape
     w32, gx32, gg32 = w.float(), gx.float(), gg.float()
     im = imatrix_dense(gx)
-    out, seen = [], set()
-    for t in types:
-        nbytes, tt = dense_bytes(m, n, t)
-        if tt in seen:
-            continue
-        seen.add(tt)
+    out = []
+    for t, nbytes, tt in _distinct_types(m, n, types):
         _, deq, _ = quantized(w32, tt, im, lib)
         out.append(Option(0, t, (tt,), nbytes, fisher_cost(deq - w32, gx32, gg32)))
     return out
@@ -180,12 +188,8 @@ def price_embedding(e: torch.Tensor, types=EMBD_TYPES, head: tuple[torch.Tensor,
     """
     v, d = e.shape
     e32 = e.float()
-    out, seen = [], set()
-    for t in types:
-        nbytes, tt = dense_bytes(v, d, t)
-        if tt in seen:
-            continue
-        seen.add(tt)
+    out = []
+    for t, nbytes, tt in _distinct_types(v, d, types):
         _, deq, _ = quantized(e32, tt, imatrix, lib)
         de = deq - e32
         cost = 0.0

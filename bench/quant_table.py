@@ -27,6 +27,8 @@ RATIOS = (1.0, 0.95, 0.9)
 OURS = ("f16", "q8_0", "nf4", "iq4_nl")
 LLQ = ("Q4_K_M", "NF4")  # via llama-quantize from the f16 file
 
+from _common import load_results  # noqa: E402
+
 
 def convert(out: Path, ratio: float, quant: str, split: str, args) -> float | None:
     if out.is_file():
@@ -118,11 +120,7 @@ def main() -> None:
     d = args.out_dir
     d.mkdir(parents=True, exist_ok=True)
     log = d / "results.jsonl"
-    results = {}
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            row = json.loads(line)
-            results[row["file"]] = row
+    results = load_results(log)
 
     files: dict[tuple, Path] = {}
     for ratio in RATIOS:

@@ -33,6 +33,8 @@ WIKI = ROOT.parent / "shared" / "data" / "wikitext-2"
 PRESETS = ("Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 VARIANTS = {"size": [], "types": ["--types-only"], "kv0.5": ["--kv", "0.5"]}
 
+from _common import load_results  # noqa: E402
+
 
 def convert(out: Path, args, *extra: str) -> None:
     """`asvd2gguf convert smollm2` with the bench's calibration and `extra` options (skipped if done)."""
@@ -108,11 +110,7 @@ def main() -> None:
     d = args.out_dir
     d.mkdir(parents=True, exist_ok=True)
     log = d / "results.jsonl"
-    results = {}
-    if log.is_file():
-        for line in log.read_text().splitlines():
-            row = json.loads(line)
-            results[row["file"]] = row
+    results = load_results(log)
 
     base, imatrix = d / "f16.gguf", d / "f16.imatrix.gguf"
     convert(base, args, "--ratio", "1", "--outtype", "f16", "--imatrix-out", str(imatrix))
