@@ -164,10 +164,11 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_latent(tmp_path_factory) -> Path:
-    """The demo's file: SmolLM2-135M-Instruct at --ratio 0.9 --kv 0.5 --method hybrid, calibrated on
-    8 x 256 tokens of wiki.valid.tokens (seed 233). Statistics are cached in ~/.cache/asvd2gguf, so
-    after the first conversion on a machine this takes seconds."""
+def smol_latent_result(tmp_path_factory):
+    """The demo's file and convert's Result: SmolLM2-135M-Instruct at --ratio 0.9 --kv 0.5 --method
+    hybrid, calibrated on 8 x 256 tokens of wiki.valid.tokens (seed 233). Statistics are cached in
+    ~/.cache/asvd2gguf, so after the first conversion on a machine this takes seconds. Every test of
+    the real SmolLM2 uses this one calibration: each other one costs a 1.1 GB statistics entry."""
     import importlib.util
 
     from asvd2gguf.convert import ConvertConfig, convert
@@ -177,6 +178,38 @@ def smol_latent(tmp_path_factory) -> Path:
     if not (WIKI / "wiki.valid.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 is not present")
     out = tmp_path_factory.mktemp("smol-latent") / "smollm2-hybrid-r0.9-kv0.5.gguf"
-    convert(ConvertConfig(model="smollm2", out=out, ratio=0.9, kv=0.5, method="hybrid",
-                          calib=str(WIKI / "wiki.valid.tokens"), calib_samples=8, calib_seqlen=256, device="cpu"))
-    return out
+    return convert(ConvertConfig(model="smollm2", out=out, ratio=0.9, kv=0.5, method="hybrid",
+                                 calib=str(WIKI / "wiki.valid.tokens"), calib_samples=8, calib_seqlen=256,
+                                 device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def smol_latent(smol_latent_result) -> Path:
+    """The demo's file (smol_latent_result)."""
+    return smol_latent_result.out
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """mktemp for module-scoped fixtures: their folders are removed when the module's tests end.
+    tmp_path_factory keeps every folder to the end of the session, and the suite writes GBs of
+    GGUFs while a CI machine's disk is small."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for d in made:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Free disk space where the suite writes (a full disk fails every later test at set-up)."""
+    for label, path in (("temporary files", Path(os.environ.get("TMPDIR", "/tmp"))),
+                        ("cache", Path(os.environ.get("ASVD2GGUF_CACHE", Path.home() / ".cache")))):
+        path = path if path.exists() else path.parent
+        if path.exists():
+            free = shutil.disk_usage(path).free / 2**30
+            terminalreporter.write_line(f"disk free for {label} ({path}): {free:.1f} GiB")

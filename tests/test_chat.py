@@ -434,7 +434,7 @@ def test_question_score_needs_a_template(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- through the patched llama.cpp
 
 @pytest.fixture(scope="module")
-def tiny_chat_gguf(tmp_path_factory):
+def tiny_chat_gguf(module_tmp):
     """A tiny random llama GGUF with SmolLM2's tokenizer and chat template, and a low-rank twin."""
     import sys
     from pathlib import Path
@@ -442,7 +442,7 @@ def tiny_chat_gguf(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import gguf_fixtures as fx
 
-    root = tmp_path_factory.mktemp("chatgguf")
+    root = module_tmp("chatgguf")
     dense = fx.write_tiny("llama", root / "tiny-chat.gguf")
     low = fx.write_factored(dense, root / "tiny-chat-lr.gguf", rank=lambda b, il, s: 8, outtype="f32")
     return dense, low

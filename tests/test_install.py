@@ -42,9 +42,9 @@ def _source_copy(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, Path]:
+def installed(module_tmp) -> tuple[Path, Path]:
     """(venv bin folder, a work folder outside the checkout) with this checkout's wheel installed."""
-    root = tmp_path_factory.mktemp("install")
+    root = module_tmp("install")
     dist = root / "dist"
     # --no-build-isolation: the build backend (setuptools) from the running environment, offline
     src = _source_copy(root / "src")

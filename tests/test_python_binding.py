@@ -41,10 +41,10 @@ print(json.dumps({"module": llama_cpp.__file__, "text": res["choices"][0]["messa
 
 
 @pytest.fixture(scope="module")
-def py_env(tmp_path_factory) -> Path:
+def py_env(module_tmp) -> Path:
     """A venv with the patched llama-cpp-python wheel installed; returns its python."""
     wheel = llamacpp.build_python()
-    root = tmp_path_factory.mktemp("llama-cpp-python")
+    root = module_tmp("llama-cpp-python")
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(root / "venv")
     py = root / "venv" / "bin" / "python"
     res = subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True,

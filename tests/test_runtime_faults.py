@@ -54,12 +54,12 @@ FACTOR_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "IQ4_NL", "IQ4_XS", "NF4"
 
 
 @pytest.fixture(scope="module")
-def latent_typed(bins, tmp_path_factory):
+def latent_typed(bins, module_tmp):
     """A tiny llama latent file (k/v at rank 32, the other linears at rank 64) in every factor type.
 
     llama-quantize --pure puts the type on every factor its row length allows (Q4_K and IQ4_XS
     need rows of 256: A's rows are r wide, so A falls back there, as llama-quantize decides)."""
-    root = tmp_path_factory.mktemp("typed")
+    root = module_tmp("typed")
     dense = fx.write_tiny("llama", root / "base.gguf")
     rank = lambda b, il, s: 32 if b in ("attn_k", "attn_v") else 64  # noqa: E731
     f16 = fx.write_factored(dense, root / "kv-F16.gguf", rank=rank, kv_latent=True, outtype="f16")

