@@ -38,7 +38,7 @@ import torch
 from .atomic import write_text_atomic
 from .errors import UserError
 from .placement import execution_device
-from .text import calibration_windows, default_calibration, wiki_calibration
+from .text import calibration_windows, default_calibration, read_text, tokenize, wiki_calibration
 
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS_FILE = DATA / "chat_prompts.json"
@@ -349,6 +349,16 @@ def resolve_calibration(spec: str | None, template: str | None) -> str:
     if spec == "wiki":
         return wiki_calibration()
     return spec
+
+
+def text_tokens(src, spec: str | None) -> int | None:
+    """Tokens in the text file `spec` resolves to for `src` (wiki.valid.tokens included): windows
+    of it cost only reading. None for chat, conversation files and selfgen, whose windows the
+    model generates."""
+    spec = resolve_calibration(spec, chat_template(src.tokenizer, src.gguf_path))
+    if spec in ("chat", "selfgen") or spec.lower().endswith(".jsonl"):
+        return None
+    return len(tokenize(src.tokenizer, read_text(Path(spec))))
 
 
 def calibration_tokens(src, spec: str | None, n: int, seqlen: int, seed: int,

@@ -93,6 +93,9 @@ def convert(
         D.quant_embd, help="Type of token_embd/output (default: q8_0 with --quant, "
                                              "else --outtype)."),
     sigma_split: str = typer.Option(D.sigma_split, help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
+    refit_tokens: int = typer.Option(D.refit_tokens, help="Refit every factor pair on the compressed model's own "
+                                     "inputs, block by block, reading this many tokens of a text --calib (chat "
+                                     "and selfgen: the calibration windows); 0: no refit (docs/method.md)."),
     dense: bool = typer.Option(D.dense, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
     device: str = typer.Option(D.device, help="auto | cpu | cuda: where each block is moved to run (the model itself "
                                "stays on the CPU). Leave at auto with --device-map."),
@@ -117,7 +120,8 @@ def convert(
                         sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
                         quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
                         device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir,
-                        size=size, bpw=bpw, types_only=types_only, imatrix_out=imatrix_out)
+                        size=size, bpw=bpw, types_only=types_only, imatrix_out=imatrix_out,
+                        refit_tokens=refit_tokens)
     with progress_bar() as p:
         res = run(cfg, console, p)
     for w in res.warnings:

@@ -55,6 +55,7 @@ class ConvertConfig:
     types_only: bool = False  # with --size / --bpw: every block linear stays dense, only types are chosen
     imatrix_out: Path | None = None  # also write the calibration's imatrix (llama-imatrix's GGUF format)
     sigma_split: str = "uv"
+    refit_tokens: int = 32768  # --refit-tokens: tokens the factors are refitted on (refit.py); 0: no refit
     dense: bool = False
     device: str = "auto"
     device_map: str | None = None  # accelerate device_map: a strategy name or a JSON file (placement.py)

@@ -141,8 +141,17 @@ def _right_unwhiten(m: torch.Tensor, lo: torch.Tensor, tri: bool) -> torch.Tenso
     return torch.linalg.solve(lo.T, m.T).T
 
 
+def _whitened(w: torch.Tensor, lo: torch.Tensor, tri: bool, cross) -> torch.Tensor:
+    """W L, or with `cross` (X^^T X) the whitened regression target W (L^-1 cross)^T."""
+    if cross is None:
+        return w @ lo
+    cross = cross.to(w.device, w.dtype)
+    left = torch.linalg.solve_triangular(lo, cross, upper=False) if tri else torch.linalg.solve(lo, cross)
+    return w @ left.T
+
+
 def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5, gram=None,
-              out_gram=None, x_factor=None) -> Factorization:
+              out_gram=None, x_factor=None, cross=None) -> Factorization:
     """Factorize W (m, n) by `method` using the input statistics of its group.
 
     `kfac` whitens both sides, inputs by chol(X^T X) and outputs by chol(G^T G) of the loss
@@ -154,6 +163,13 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
     `gram` (n, n) X^T X / T (whiten: SVD-LLM, arXiv 2403.07378; kfac), `out_gram` (m, m)
     G^T G / T (kfac). Computes in float64; U, Vt come back float32, s float64, all p = min(m, n)
     wide. Raises ValueError for an unknown method (convert.validate checks it first).
+
+    `cross` (n, n), whiten and kfac only: X^^T X / T, the inputs X^ the linear reads in the
+    compressed model against the original ones X, with `gram` = X^^T X^ / T. The factors then
+    approximate, in the metric of X^, the map that gives W's original output W x from x^ (the
+    least-squares M = W cross^T gram^-1): the SVD of W cross^T L^-T (= M L) in place of W L.
+    That is reduced-rank regression (Izenman 1975) of the original outputs on the compressed
+    inputs; with X^ = X it is the plain factorization. See refit.py.
     """
     w64 = w.double()
     note = ""
@@ -165,7 +181,7 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
         vt = vt / scale
     elif method == "whiten":
         lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
-        u, s, vt = _svd(w64 @ lo)
+        u, s, vt = _svd(_whitened(w64, lo, tri, cross))
         vt = _right_unwhiten(vt, lo, tri)
     elif method == "kfac":
         lo, tri, note = x_factor or whitening_factor(gram.to(w64.device))
@@ -173,7 +189,7 @@ def factorize(w: torch.Tensor, method: str, *, abs_stat=None, alpha: float = 0.5
         g = g + KFAC_DAMPING * float(g.diagonal().mean().clamp_min(1e-30)) * torch.eye(g.shape[0], dtype=g.dtype,
                                                                                           device=g.device)
         ro, rtri, note2 = whitening_factor(g)
-        u, s, vt = _svd(ro.T @ w64 @ lo)
+        u, s, vt = _svd(ro.T @ _whitened(w64, lo, tri, cross))
         u = _right_unwhiten(u.T, ro, rtri).T  # R^-T U
         vt = _right_unwhiten(vt, lo, tri)
         note = ", ".join(x for x in (note, note2) if x)

@@ -2,7 +2,8 @@
 
 Rank r: the analysis' factor pair A (m x r), B (r x n) with Sigma split per --sigma-split
 (decompose.Factorization.factors); rank 0: the dense weight; --dense: the product A @ B as a
-dense weight. Non-finite factors fall back (a new plan, see final_blocks).
+dense weight (densified, after the refit). Non-finite factors fall back (a new plan, see
+final_blocks).
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ from .placement import materialized
 from .ranks import RankPlan
 
 
-def final_blocks(model, store: AnalysisStore, plan: RankPlan, dense: bool,
+def densified(blocks: list[list[BlockTensor]]) -> list[list[BlockTensor]]:
+    """--dense: every factor pair as its product A @ B (m x n), a stock-llama.cpp layout."""
+    return [[BlockTensor(bt.key, weight=bt.a @ bt.b) if bt.a is not None else bt for bt in row] for row in blocks]
+
+
+def final_blocks(model, store: AnalysisStore, plan: RankPlan,
                  split: str = "uv") -> tuple[list[list[BlockTensor]], RankPlan]:
-    """The tensors to write per layer of `model` (a transformers causal LM), and the plan they realise.
+    """The tensors to write per layer of `model` (a transformers causal LM), and the plan they realise
+    (factor pairs; densified() turns them into --dense weights).
 
     A linear whose factors are not finite falls back: K/V under a latent cache to the exact
     full-width latent (A = I (m x m), B = W), any other to dense; each fallback makes a new plan
@@ -47,6 +54,6 @@ def final_blocks(model, store: AnalysisStore, plan: RankPlan, dense: bool,
                     row.append(BlockTensor(spec.gguf, weight=w))
                     plan = plan.with_rank((i, spec.key), 0, Fallback(name, "non-finite factors", "dense"))
                     continue
-            row.append(BlockTensor(spec.gguf, weight=a @ b) if dense else BlockTensor(spec.gguf, a=a, b=b))
+            row.append(BlockTensor(spec.gguf, a=a, b=b))
         blocks.append(row)
     return blocks, plan

@@ -30,6 +30,7 @@ KEY_KV_LATENT = "asvd.kv.latent"
 KEY_CALIBRATION = "asvd.calibration"
 KEY_QUANT = "asvd.quant"
 KEY_SIGMA_SPLIT = "asvd.sigma_split"
+KEY_REFIT = "asvd.refit"  # what the factor pairs were refitted on (refit.py), "" if they were not
 RANK_PREFIX = "asvd.rank."  # + the linear's GGUF base name: rank per layer, 0 = dense
 # size plans (--size / --bpw) only
 KEY_SIZE_TARGET = "asvd.size.target"
@@ -81,13 +82,14 @@ def size_metadata(cfg, plan) -> dict:
 
 
 def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
-                  rank_table: dict[str, list[int]] | None, calib_ppl: float) -> dict:
+                  rank_table: dict[str, list[int]] | None, calib_ppl: float, refit: str = "") -> dict:
     """The asvd.* keys of a converted file: {key: (value, GGUFValueType)}, in the order written.
 
     cfg: the ConvertConfig; calib_source: what the calibration windows were made of
     (chat.calibration_tokens); ratio, kv: achieved (RankPlan); calib_ppl: calibration perplexity
     of the written model (0 if not finite); rank_table: linear key -> rank per layer, or None
-    (--dense: the file has no factored linears and no asvd.rank.* keys).
+    (--dense: the file has no factored linears and no asvd.rank.* keys); refit: what the factor
+    pairs were refitted on ("" when they were not; convert._refit).
     """
     V = gguf.GGUFValueType
     calib_desc = f"{calib_source}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"
@@ -108,6 +110,7 @@ def asvd_metadata(cfg, calib_source: str, ratio: float, kv: float, latent: bool,
         KEY_CALIBRATION: (calib_desc, V.STRING),
         KEY_QUANT: (cfg.quant, V.STRING),
         KEY_SIGMA_SPLIT: (cfg.sigma_split, V.STRING),
+        KEY_REFIT: (refit, V.STRING),
     }
     if rank_table is not None:
         for k in LINEAR_KEYS:

@@ -8,7 +8,8 @@
 converter as metadata donor) under several settings (latent KV, plain ratio, --dense, q8_0,
 strs allocation, the exact ppl sweep, a perplexity target), each with a fresh statistics cache.
 `smollm2` converts SmolLM2-135M-Instruct at --ratio 0.9 --kv 0.5 (default method), calibrated on
-8 x 256 tokens of wiki.valid.tokens, seed 233, with the shared cache; --quant adds a q8_0 file.
+8 x 256 tokens of wiki.valid.tokens, seed 233, refitted on 4096 tokens (the output factors only:
+a CI's cost), with the shared cache; --quant adds a q8_0 file.
 
 Per file the digest holds every GGUF key (in order: type and sha256 of its value) and every
 tensor (in order: GGML type, shape, sha256 of its data), and the numbers `convert` returns
@@ -126,7 +127,8 @@ def smollm2(work: Path, quant: bool, cache_dir: Path | None = None) -> dict:
         path = work / f"smollm2-{label}.gguf"
         res = convert(ConvertConfig(model="smollm2", out=path, force=True, ratio=0.9, kv=0.5,
                                     calib=str(WIKI / "wiki.valid.tokens"), calib_samples=8, calib_seqlen=256,
-                                    seed=233, device="cpu", **kw, **({"cache_dir": cache_dir} if cache_dir else {})))
+                                    seed=233, refit_tokens=4096, device="cpu", **kw,
+                                    **({"cache_dir": cache_dir} if cache_dir else {})))
         out[label] = {**digest_gguf(path, work), "result": _result(res)}
     return out
 
