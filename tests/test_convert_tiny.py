@@ -39,7 +39,7 @@ def test_factored_file_round_trip(arch, tiny_models, calib_text, cache_dir, tmp_
         assert all(r % 32 == 0 for r in info.ranks[spec.key] if r)
     assert all(r > 0 for k in ("attn_k", "attn_v") for r in info.ranks[k])  # latent: K/V always factored
 
-    # the factors in the file are the analysis' factors (f32: bit for bit, llama rows permuted)
+    # the factors in the file are the analysis' factors (f32: bit for bit, llama rows permuted; no refit)
     from asvd2gguf.analysis import AnalysisStore
 
     store = AnalysisStore(res.store_root)
