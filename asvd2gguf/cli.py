@@ -94,8 +94,10 @@ def convert(
                                              "else --outtype)."),
     sigma_split: str = typer.Option(D.sigma_split, help="Sigma: uv (sqrt into both factors), u (into A), v (into B)."),
     refit_tokens: int = typer.Option(D.refit_tokens, help="Refit every factor pair on the compressed model's own "
-                                     "inputs, block by block, reading this many tokens of a text --calib (chat "
-                                     "and selfgen: the calibration windows); 0: no refit (docs/method.md)."),
+                                     "inputs, block by block, reading this many tokens of a text --calib (at "
+                                     "most what the text holds, at least the calibration windows; chat, .jsonl "
+                                     "and selfgen: the calibration windows). Below 16384 tokens only the output "
+                                     "factors are refitted. 0: no refit (docs/method.md 2b)."),
     dense: bool = typer.Option(D.dense, help="Write A @ B as ordinary dense weights (runs in stock llama.cpp)."),
     device: str = typer.Option(D.device, help="auto | cpu | cuda: where each block is moved to run (the model itself "
                                "stays on the CPU). Leave at auto with --device-map."),

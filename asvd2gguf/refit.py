@@ -50,6 +50,12 @@ for _s in LINEARS:
 _HEAD = {g: SPEC[keys[0]].module for g, keys in GROUPS}  # the module whose input a group's statistics see
 
 
+def refit_mode(n_tokens: int) -> str:
+    """What a refit on `n_tokens` tokens refits: "factor pairs" from PAIR_TOKENS on, else
+    "output factors" (B kept)."""
+    return "factor pairs" if n_tokens >= PAIR_TOKENS else "output factors"
+
+
 def refit_metric(method: str, key: str) -> str:
     """The factorization metric of linear `key`'s refit under --method: the method's own for
     whiten and kfac (hybrid: kfac for k/v, whiten for the rest), whiten for asvd and svd (their
@@ -140,7 +146,7 @@ def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[Bl
     factors. Per block: one pass of the original block, one of the compressed block per input
     group it refits, and one to carry the compressed hidden states on.
     """
-    pair = tokens.numel() >= PAIR_TOKENS
+    pair = refit_mode(tokens.numel()) == "factor pairs"
     h = runner.embed(tokens)
     hh = h.clone()
     out: list[list[BlockTensor]] = []

@@ -160,3 +160,22 @@ def test_refit_tokens_must_not_be_negative(tiny_models, calib_text, cache_dir, t
     with pytest.raises(UserError, match="--refit-tokens"):
         _convert(tiny_models["llama"], tmp_path / "x.gguf", calib_text, cache_dir, ratio=0.6, refit_tokens=-1)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_refit_says_what_it_refitted(tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    """A request larger than the text: the stage line names the mode (output factors only below
+    PAIR_TOKENS) and that the text ran out; the file records the windows read."""
+    from clitools import run_cli
+
+    from asvd2gguf.gguf_keys import KEY_REFIT
+    from asvd2gguf.gguf_read import describe_gguf
+
+    out = tmp_path / "r.gguf"
+    code, stdout, err = run_cli(["convert", tiny_models["llama"], "--calib", calib_text, "--calib-samples", "4",
+                                 "--calib-seqlen", "64", "--ratio", "0.6", "--out", out, "--cache-dir", cache_dir,
+                                 "--device", "cpu", "--refit-tokens", "1000000"], capsys)
+    assert code == 0, err
+    text = " ".join((stdout + err).split())  # stage lines go to stderr; rich may wrap them
+    assert "refitted the output factors of" in text and "the text holds" in text
+    windows = int(describe_gguf(out).meta[KEY_REFIT].split(", ")[1].split(" x ")[0])
+    assert 4 < windows * 64 < 16384  # all the synthetic text holds, far below the request
