@@ -56,6 +56,18 @@ def tokens(res: dict) -> list[str]:
     return [t["token"] for t in res["choices"][0]["logprobs"]["content"]]
 
 
+def agree_up_to_a_near_tie(x: dict, y: dict, n: int = 32, margin: float = 0.05) -> bool:
+    """The greedy tokens of x and of the reference y agree for their first n, or up to a position
+    where y's two best candidates are within `margin` nats: a near-tie that the rounding of F16
+    latents against F16 K/V may flip (the top-1 logprobs of the two caches differ by ~0.01, see
+    test_latent_cache_equals_dense_cache). Needs top_logprobs >= 2 in y's request."""
+    for i, (a, b) in enumerate(zip(tokens(x)[:n], tokens(y)[:n])):
+        if a != b:
+            top = y["choices"][0]["logprobs"]["content"][i]["top_logprobs"]
+            return len(top) > 1 and top[0]["logprob"] - top[1]["logprob"] < margin
+    return True
+
+
 def logprobs(res: dict) -> list[float]:
     return [t["logprob"] for t in res["choices"][0]["logprobs"]["content"]]
 
@@ -193,18 +205,19 @@ def test_cache_prompt_and_cache_reuse(smol_latent, tmp_path):
     """cache_prompt: a second request that extends the first reuses its tokens from the slot's
     cache (timings.cache_n). --cache-reuse 16: a request whose prompt drops a middle part of the
     cached one reuses the rest by shifting it in the cache (positions moved, nothing recomputed),
-    and gives the same first 32 tokens as the dense cache doing the same shift."""
+    and gives the same first 32 tokens as the dense cache doing the same shift (up to a near-tie:
+    with the refitted demo file one reply's 13th token was one, ' text' against ' original')."""
     args = (*COMMON, "-np", "1", "-c", "2048", "--cache-reuse", "16", "--metrics")
     a = [{"role": "user", "content": "A preface that the next request leaves out. " * 4 + "\n" + LONG + QUESTION}]
     b = [{"role": "user", "content": LONG + QUESTION}]
 
     def run(env: dict | None, log: Path) -> tuple[list[dict], str, str]:
         with llama_server(smol_latent, args, log=log, env=env) as srv, httpx.Client() as client:
-            r1 = chat(client, srv.url, a, id_slot=0, cache_prompt=True)
+            r1 = chat(client, srv.url, a, id_slot=0, cache_prompt=True, top_logprobs=2)
             r2 = chat(client, srv.url, a + [{"role": "assistant", "content": text(r1)},
                                              {"role": "user", "content": "Shorter, please."}],
-                      id_slot=0, cache_prompt=True)
-            r3 = chat(client, srv.url, b, id_slot=0, cache_prompt=True, n_cache_reuse=16)
+                      id_slot=0, cache_prompt=True, top_logprobs=2)
+            r3 = chat(client, srv.url, b, id_slot=0, cache_prompt=True, n_cache_reuse=16, top_logprobs=2)
             metrics = client.get(f"{srv.url}/metrics", timeout=TIMEOUT_S).text
             return [r1, r2, r3], srv.log_text(), metrics
 
@@ -219,7 +232,7 @@ def test_cache_prompt_and_cache_reuse(smol_latent, tmp_path):
     dense, _, _ = run({"ASVD_LATENT_KV": "0"}, tmp_path / "dense.log")
     for x, y in zip((r1, r2, r3), dense):
         assert x["timings"]["cache_n"] == y["timings"]["cache_n"]
-        assert tokens(x)[:32] == tokens(y)[:32]
+        assert agree_up_to_a_near_tie(x, y), (tokens(x)[:32], tokens(y)[:32])
 
 
 def test_llama_cli_one_shot(smol_latent, tmp_path):
