@@ -70,8 +70,7 @@ def solve_output_factor(w: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: to
     """The least-squares A (m x r) for a fixed B (r x n): min ||X^ B^T A^T - X W^T||^2 + lambda ||A - P||^2.
 
     w: the original weight (m x n); c = X^^T X^ and d = X^^T X (n x n, any common scale); prior P
-    (m x r, default 0); lambda = damp * mean diag(B C B^T). With B = I it refits a dense weight
-    (P = W keeps what the data does not determine). float64 inside, float32 out. Raises
+    (m x r, default 0); lambda = damp * mean diag(B C B^T). float64 inside, float32 out. Raises
     torch.linalg.LinAlgError only if B C B^T + lambda I is singular (B or C all zero, damp 0).
     """
     w, b, c, d = (t.to(torch.float64) for t in (w, b, c, d))
@@ -127,20 +126,19 @@ def _capture(layer, group: str, into: list[torch.Tensor]):
         lambda m, args: into.append(args[0].detach().float().cpu()))
 
 
-def _replacements(row: list[BlockTensor], dense: bool) -> dict:
-    """runner.trial's replacements for a block: every factor pair (and refitted dense weights)."""
-    return {bt.key: (bt.a, bt.b) if bt.a is not None else (bt.weight, None) for bt in row
-            if bt.a is not None or dense}
+def _replacements(row: list[BlockTensor]) -> dict:
+    """runner.trial's replacements for a block: every factor pair."""
+    return {bt.key: (bt.a, bt.b) for bt in row if bt.a is not None}
 
 
 @torch.no_grad()
 def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[BlockTensor]], method: str,
-                 stats, split: str = "uv", progress=None, dense: bool = False) -> list[list[BlockTensor]]:
+                 stats, split: str = "uv", progress=None) -> list[list[BlockTensor]]:
     """`blocks` (factor.final_blocks: float factor pairs, or dense weights) with every factor pair
     refitted at its rank (see the module docstring; with fewer than PAIR_TOKENS tokens only A);
-    with `dense` the dense linears too (ridge towards W). tokens: the refit windows (n x seqlen)
-    int64; method: --method (refit_metric); stats: calibrate.LayerStats per layer (the K-FAC
-    output Grams); split: --sigma-split.
+    dense linears are kept. tokens: the refit windows (n x seqlen) int64; method: --method
+    (refit_metric); stats: calibrate.LayerStats per layer (the K-FAC output Grams); split:
+    --sigma-split.
 
     Returns new lists (the input is not changed). A linear whose refit is not finite keeps its
     factors. Per block: one pass of the original block, one of the compressed block per input
@@ -155,7 +153,7 @@ def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[Bl
         row = [BlockTensor(bt.key, weight=bt.weight, a=bt.a, b=bt.b) for bt in row]
         by_key = {bt.key: bt for bt in row}
         layer = runner.layers[i]
-        groups = [(g, keys) for g, keys in GROUPS if dense or any(by_key[k].a is not None for k in keys)]
+        groups = [(g, keys) for g, keys in GROUPS if any(by_key[k].a is not None for k in keys)]
         orig: dict[str, list[torch.Tensor]] = {g: [] for g, _ in groups}
         handles = [_capture(layer, g, orig[g]) for g in orig]
         try:
@@ -165,7 +163,7 @@ def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[Bl
                 hd.remove()
         for group, keys in groups:
             seen: list[torch.Tensor] = []
-            with runner.trial(i, _replacements(row, dense)) as trial:
+            with runner.trial(i, _replacements(row)) as trial:
                 hd = _capture(trial, group, seen)
                 try:
                     runner.run_block(i, hh, trial)
@@ -180,8 +178,8 @@ def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[Bl
             x_factor = whitening_factor(ridge(c)) if pair else None
             for key in keys:
                 _refit_one(by_key[key], get_module(layer, SPEC[key].module), c, d, x_factor,
-                           refit_metric(method, key), stats[i].out_gram.get(key), split, dense)
-        with runner.trial(i, _replacements(row, dense)) as trial:
+                           refit_metric(method, key), stats[i].out_gram.get(key), split)
+        with runner.trial(i, _replacements(row)) as trial:
             hh = runner.run_block(i, hh, trial)
         h = h_next
         out.append(row)
@@ -190,18 +188,14 @@ def refit_blocks(runner: BlockRunner, tokens: torch.Tensor, blocks: list[list[Bl
     return out
 
 
-def _refit_one(bt: BlockTensor, lin, c, d, x_factor, metric: str, out_gram, split: str, dense: bool) -> None:
-    """Refit one linear in place: its factor pair at its rank (refit_pair; without `x_factor` the
-    output factor only), or with `dense` its dense weight (ridge towards W). A result that is not
-    finite is dropped."""
+def _refit_one(bt: BlockTensor, lin, c, d, x_factor, metric: str, out_gram, split: str) -> None:
+    """Refit one factored linear in place: its pair at its rank (refit_pair), or without `x_factor`
+    the output factor only; dense linears are left as they are. A result that is not finite is
+    dropped."""
+    if bt.a is None:
+        return
     with materialized(lin):
         w = lin.weight.detach().float().cpu()
-    if bt.a is None:
-        if dense:
-            new = solve_output_factor(w, torch.eye(w.shape[1], dtype=c.dtype), c, d, DAMP, prior=w)
-            if bool(torch.isfinite(new).all()):
-                bt.weight = new.to(bt.weight.dtype)
-        return
     if x_factor is None:  # few tokens: the output factor only
         a, b = solve_output_factor(w, bt.b.float(), c, d, DAMP_OUTPUT, prior=bt.a.float()), bt.b
     else:
