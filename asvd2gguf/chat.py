@@ -38,7 +38,7 @@ import torch
 from .atomic import write_text_atomic
 from .errors import UserError
 from .placement import execution_device
-from .text import calibration_windows, default_calibration, read_text, tokenize, wiki_calibration
+from .text import adds_bos, calibration_windows, default_calibration, read_text, tokenize, wiki_calibration
 
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS_FILE = DATA / "chat_prompts.json"
@@ -94,19 +94,11 @@ def render(tokenizer, template: str, messages: Conversation, add_generation_prom
     return text if isinstance(text, str) else str(text)
 
 
-def _adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
 def encode(tokenizer, text: str) -> torch.Tensor:
     """Token ids of a rendered conversation as llama.cpp gets them: special tokens parsed, one
     BOS in front when the vocabulary adds one and the template did not write it."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    if _adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
+    if adds_bos(tokenizer) and (not ids or ids[0] != tokenizer.bos_token_id):
         ids = [tokenizer.bos_token_id] + list(ids)
     return torch.tensor(ids, dtype=torch.long)
 

@@ -18,6 +18,7 @@ The options and their defaults are config.ConvertConfig.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,13 @@ def check_out(out: Path, force: bool) -> None:
         raise UserError(f"output folder does not exist: {out.parent}")
 
 
+def check_distinct(out: Path, imatrix_out: Path | None) -> None:
+    """UserError when --imatrix-out names the output GGUF itself (the imatrix, written last,
+    would replace the model)."""
+    if imatrix_out is not None and Path(imatrix_out).resolve() == Path(out).resolve():
+        raise UserError(f"--imatrix-out is the output GGUF itself ({out}); give the imatrix another name")
+
+
 class _Stages:
     """Prints each finished stage with its duration: long work should say what it did."""
 
@@ -190,6 +198,7 @@ def convert(cfg: ConvertConfig, console=None, progress=None) -> Result:
     cfg = validate(cfg)
     if cfg.out is not None:
         check_out(cfg.out, cfg.force)
+        check_distinct(cfg.out, cfg.imatrix_out)
     if cfg.imatrix_out is not None:
         check_out(cfg.imatrix_out, cfg.force)
     placement = resolve_placement(cfg.device_map, cfg.max_memory, cfg.device)
@@ -212,6 +221,7 @@ def _convert_loaded(cfg: ConvertConfig, src: Source, device: torch.device | None
         stages.done(f"loaded {src.name} ({src.arch}, {src.n_layer} layers)")
     out = cfg.out or default_out(cfg, src.name)
     check_out(out, cfg.force)
+    check_distinct(out, cfg.imatrix_out)
     clean_stale_partials(out)
     runner = BlockRunner(src.model, device, mapped=mapped)
 
@@ -498,9 +508,14 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     float_blocks, refit_desc = _refit(cfg, src, runner, tokens, calib_desc, float_blocks, stages, progress)
     blocks, seen = quantize_sized(float_blocks, plan, [s.gram for s in stats], lib, progress)
     stages.done("quantized block linears with llama.cpp's quantizers")
-    loss = calib_loss(runner, store, plan.ranks, tokens, seen)
+    nonblock = SizedNonBlock(plan, head_im, tied, lib)
+    # under a device map the embedding may be offloaded (no values to swap): then it counts as original
+    with contextlib.nullcontext() if runner.mapped else nonblock.seen(runner.inner.embed_tokens.weight,
+                                                                       src.model.lm_head.weight):
+        loss = calib_loss(runner, store, plan.ranks, tokens, seen)
     base_loss = cached_base_loss(runner, store, tokens)
-    stages.done("calibration perplexity of the result")
+    stages.done("calibration perplexity of the result (token_embd and output "
+                f"{'as the original: device map' if runner.mapped else 'at their planned types'})")
 
     meta = asvd_metadata(cfg, calib_desc, plan.ratio, plan.kv, plan.latent, plan.table(),
                          math.exp(loss) if math.isfinite(loss) else 0.0, refit_desc)
@@ -512,7 +527,7 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     hf_config = src.model.config
     write_gguf(out, donor, src.arch, src.n_layer, hf_config.num_attention_heads, hf_config.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress,
-               nonblock_map=SizedNonBlock(plan, head_im, tied, lib), file_type=file_type)
+               nonblock_map=nonblock, file_type=file_type)
     stages.done("GGUF written")
     if cfg.imatrix_out is not None:
         _write_imatrix(cfg, src, runner, tokens, calib_desc, float_blocks, stats)

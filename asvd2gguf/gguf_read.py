@@ -79,10 +79,17 @@ class FactoredInfo:
 
 
 def describe_gguf(path: Path) -> FactoredInfo:
-    """Ranks as the tensors say (not as metadata claims), with the asvd.* keys beside them."""
+    """Ranks as the tensors say (not as metadata claims), with the asvd.* keys beside them.
+
+    Raises UserError for a GGUF that is not a model (no `<arch>.block_count`: an imatrix, a
+    LoRA adapter, a vocabulary-only file) and for a block linear with neither a dense weight
+    nor both factors."""
     reader = open_gguf(path)
     arch = field_value(reader, "general.architecture", "?")
     n_layer = int(field_value(reader, f"{arch}.block_count", 0))
+    if n_layer < 1:
+        kind = field_value(reader, "general.type", arch)
+        raise UserError(f"{Path(path).name} is not a model ('{kind}' GGUF without {arch}.block_count)")
     tensors = {t.name: t for t in reader.tensors}
     info = FactoredInfo(arch, n_layer)
     for spec in LINEARS:

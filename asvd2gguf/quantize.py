@@ -18,6 +18,7 @@ A tensor whose row length is not a multiple of 32 cannot take a block type; it f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -185,10 +186,28 @@ class SizedNonBlock:
     def __init__(self, plan, head_imatrix, tied: bool, lib=None):
         self.plan, self.head_imatrix, self.tied, self.lib = plan, head_imatrix, tied, lib
 
+    def _quantized(self, base: str, t: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
+        im = self.head_imatrix if (base == "output" or self.tied) else None
+        return _ggml_quantized(t, self.plan.choices[base].types[0], im, self.lib)
+
     def __call__(self, name: str, arr):
         base = name.removesuffix(".weight")
-        opt = self.plan.choices.get(base)
-        if opt is None or np.ndim(arr) != 2:
+        if base not in self.plan.choices or np.ndim(arr) != 2:
             return arr
-        im = self.head_imatrix if (base == "output" or self.tied) else None
-        return _ggml_quantized(torch.as_tensor(np.ascontiguousarray(arr)), opt.types[0], im, self.lib)[0]
+        return self._quantized(base, torch.as_tensor(np.ascontiguousarray(arr)))[0]
+
+    @contextmanager
+    def seen(self, embedding: torch.nn.Parameter, head: torch.nn.Parameter):
+        """The model computes with token_embd (and an untied output head) as written: their values
+        are the dequantized planned types inside the block, the originals again after it (the
+        calibration perplexity of a size plan then counts the embedding's rounding too)."""
+        params = {"token_embd": embedding} if self.tied else {"token_embd": embedding, "output": head}
+        saved = {k: p.data for k, p in params.items()}
+        try:
+            for k, p in params.items():
+                if k in self.plan.choices:
+                    p.data = self._quantized(k, p.data)[1].to(p.dtype).to(p.device)
+            yield
+        finally:
+            for k, p in params.items():
+                p.data = saved[k]

@@ -1,8 +1,8 @@
 """The best GGUF at a given size (issue 12): our `--size` plans against llama-quantize's presets.
 
-Protocol: SmolLM2-135M-Instruct; calibration wiki.valid.tokens SAMPLES x SEQLEN, seed 233, method
-hybrid; evaluation `llama-perplexity -c 512 --chunks 20 -t 2` on wiki.test.raw (patched build),
-KLD against the F16 dense model (`--kl-divergence-base`, then `--kl-divergence`).
+Protocol: SmolLM2-135M-Instruct (or `--model gemma3-270m`); calibration wiki.valid.tokens
+SAMPLES x SEQLEN, seed 233, method hybrid; evaluation `llama-perplexity -c 512 --chunks 20 -t 2` on
+wiki.test.raw (patched build), KLD against the F16 dense model (`--kl-divergence-base`, then `--kl-divergence`).
 
 * base: the F16 dense model, `convert --ratio 1 --outtype f16` (nothing factored) with
   `--imatrix-out`: the imatrix of the same calibration for every stock file. (Not `--size 1G`:
@@ -18,6 +18,7 @@ predicted loss against the measured KLD over our plans.
 
     python bench/size_table.py --out-dir bench-out/size                 # all presets
     python bench/size_table.py --out-dir bench-out/size --presets Q4_K_M --variants size
+    python bench/size_table.py --model gemma3-270m --out-dir bench-out/size-gemma
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from _common import load_results  # noqa: E402
 
 
 def convert(out: Path, args, *extra: str) -> None:
-    """`asvd2gguf convert smollm2` with the bench's calibration and `extra` options (skipped if done)."""
+    """`asvd2gguf convert MODEL` with the bench's calibration and `extra` options (skipped if done)."""
     if out.is_file():
         return
-    cmd = [sys.executable, "-m", "asvd2gguf.cli", "convert", "smollm2", "--calib", str(WIKI / "wiki.valid.tokens"),
+    cmd = [sys.executable, "-m", "asvd2gguf.cli", "convert", args.model, "--calib", str(WIKI / "wiki.valid.tokens"),
            "--calib-samples", str(args.samples), "--calib-seqlen", str(args.seqlen), "--seed", "233",
            "--out", str(out), "--force", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -101,6 +102,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", help="a model name or path convert accepts")
     ap.add_argument("--out-dir", type=Path, default=Path("bench-out/size"))
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -114,18 +116,21 @@ def main() -> None:
 
     base, imatrix = d / "f16.gguf", d / "f16.imatrix.gguf"
     convert(base, args, "--ratio", "1", "--outtype", "f16", "--imatrix-out", str(imatrix))
-    rows = []
-    for preset in args.presets:
-        ref = d / f"stock-{preset}.gguf"
-        stock(base, imatrix, preset, ref)
-        rows.append((preset, "stock", evaluate(ref, base, results, log)))
-        size = ref.stat().st_size
-        for v in args.variants:
+    refs = {}
+    for preset in args.presets:  # every stock file first: they set the budgets
+        refs[preset] = d / f"stock-{preset}.gguf"
+        stock(base, imatrix, preset, refs[preset])
+        evaluate(refs[preset], base, results, log)
+    for v in args.variants:  # then variant by variant (the slower --kv rows last)
+        for preset in args.presets:
             ours = d / f"ours-{preset}-{v}.gguf"
-            convert(ours, args, "--size", str(size), *VARIANTS[v])
-            rows.append((preset, v, evaluate(ours, base, results, log)))
+            convert(ours, args, "--size", str(refs[preset].stat().st_size), *VARIANTS[v])
+            evaluate(ours, base, results, log)
+    rows = [(p, "stock", results[refs[p].name]) for p in args.presets]
+    rows += [(p, v, results[f"ours-{p}-{v}.gguf"]) for p in args.presets for v in args.variants]
+    rows.sort(key=lambda row: args.presets.index(row[0]))
 
-    print(f"\nSmolLM2-135M-Instruct, llama-perplexity wiki.test.raw -c 512 --chunks 20 -t 2, KLD vs F16; "
+    print(f"\n{args.model}, llama-perplexity wiki.test.raw -c 512 --chunks 20 -t 2, KLD vs F16; "
           f"calibration wiki.valid.tokens {args.samples}x{args.seqlen} seed 233 (imatrix for the stock files too)")
     print("| budget | file | MiB | mean KLD | ppl | same top % | predicted loss | factored (ranks) |")
     print("|---|---|---|---|---|---|---|---|")

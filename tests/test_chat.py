@@ -39,6 +39,29 @@ def tiny_chat_src(tiny_models, cache_dir):
     return src
 
 
+def test_text_windows_start_with_bos_as_llama_cpp_chunks_do(tok, tokenizer_dir, calib_text):
+    """A vocabulary that adds BOS (the tiny one, like Gemma 3's) gets BOS in place of each text
+    window's first token, as llama-imatrix and llama-perplexity cut chunks; the rest of the window
+    is the text's tokens at the seeded start. Without add_bos (like SmolLM2's) the windows are the
+    plain text, BOS nowhere."""
+    from transformers import AutoTokenizer
+
+    from asvd2gguf.text import adds_bos, tokenize
+
+    w = calibration_windows(tok, str(calib_text), 5, 32, 7)
+    assert adds_bos(tok) and (w[:, 0] == tok.bos_token_id).all() and not (w[:, 1:] == tok.bos_token_id).any()
+    plain_tok = AutoTokenizer.from_pretrained(tokenizer_dir, add_bos_token=False)
+    assert not adds_bos(plain_tok) and plain_tok.bos_token_id == tok.bos_token_id
+    p = calibration_windows(plain_tok, str(calib_text), 5, 32, 7)
+    assert not (p == tok.bos_token_id).any()
+    ids = tokenize(plain_tok, calib_text.read_text())
+
+    def in_text(row: torch.Tensor) -> bool:
+        return any(torch.equal(ids[i:i + len(row)], row) for i in range(len(ids) - len(row) + 1))
+
+    assert all(in_text(row) for row in p) and all(in_text(row[1:]) for row in w)  # BOS aside, the text
+
+
 # ---------------------------------------------------------------- rendering and JSONL
 
 def test_render_with_template(tok):

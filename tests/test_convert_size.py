@@ -59,6 +59,20 @@ def test_size_plan_file(frac, kw, f16_size, tiny_models, calib_text, cache_dir, 
         assert not any(plan.ranks.values())
     if not kw:  # a tight budget: factor pairs with K-quant factors, which the runtime must run
         assert any(o.rank and any(t.endswith("_k") for t in o.types) for o in plan.choices.values())
+        # the reported calibration perplexity is the written file's, token_embd's rounding included
+        # (a new user's finding: it was computed with the original embedding)
+        import math
+
+        from asvd2gguf.gguf_read import load_gguf_model
+        from asvd2gguf.perplexity import mean_loss
+        from asvd2gguf.text import calibration_windows
+
+        assert plan.choices["token_embd"].types[0] != "f16"
+        model, tok, _ = load_gguf_model(out)
+        windows = calibration_windows(tok, str(calib_text), 4, 64, 233)
+        # measured: 1.2e-6 apart; with the original embedding instead 1.5e-5 (a random tiny model
+        # hardly feels its embedding's Q5_K rounding)
+        assert res.calib_ppl == pytest.approx(math.exp(mean_loss(model, windows)), rel=5e-6)
     if "kv" in kw:
         assert plan.kv <= 0.5
     # the patched llama.cpp loads and runs it
@@ -98,14 +112,27 @@ def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tok
     (["--bpw", "0"], "--bpw must be in"),
     (["--size", "1K"], "smallest possible file is"),
     (["--size", "1M", "--types-only", "--kv", "0.5"], "--types-only keeps every linear dense"),
+    # the imatrix, written last, would replace the model (a new user's finding); also with --force
+    (["--size", "95M", "--imatrix-out", "{out}"], "--imatrix-out is the output GGUF itself"),
+    (["--ratio", "0.8", "--imatrix-out", "{out}", "--force"], "--imatrix-out is the output GGUF itself"),
 ])
 def test_size_errors(args, msg, tiny_models, calib_text, cache_dir, tmp_path, capsys):
     rc, _, err = run_cli(["convert", str(tiny_models["llama"]), "--out", str(tmp_path / "x.gguf"), "--calib",
                           str(calib_text), "--calib-samples", "4", "--calib-seqlen", "64", "--cache-dir",
-                          str(cache_dir), "--device", "cpu", *args], capsys)
+                          str(cache_dir), "--device", "cpu", *[a.format(out=tmp_path / "x.gguf") for a in args]],
+                         capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 1 and len(errors) == 1 and msg in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_inspect_refuses_a_gguf_that_is_no_model(tiny_models, calib_text, cache_dir, tmp_path, capsys):
+    """`inspect` of the imatrix convert wrote (a GGUF, but no model): one error line naming it."""
+    out, im = tmp_path / "m.gguf", tmp_path / "m.imatrix.gguf"
+    convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, ratio=0.8, imatrix_out=im))
+    rc, _, err = run_cli(["inspect", str(im)], capsys)
+    assert rc == 1 and err.strip().splitlines() == [f"error: {im.name} is not a model ('imatrix' GGUF without "
+                                                    "imatrix.block_count)"], err
 
 
 def test_imatrix_out_is_read_by_llama_quantize(tiny_models, calib_text, cache_dir, tmp_path, bins, text_small):

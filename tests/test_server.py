@@ -61,11 +61,19 @@ def agree_up_to_a_near_tie(x: dict, y: dict, n: int = 32, margin: float = 0.05) 
     where y's two best candidates are within `margin` nats: a near-tie that the rounding of F16
     latents against F16 K/V may flip (the top-1 logprobs of the two caches differ by ~0.01, see
     test_latent_cache_equals_dense_cache). Needs top_logprobs >= 2 in y's request."""
+    i = same_prefix(x, y, n)
+    if i == min(n, len(tokens(x)), len(tokens(y))):
+        return True
+    top = y["choices"][0]["logprobs"]["content"][i]["top_logprobs"]
+    return len(top) > 1 and top[0]["logprob"] - top[1]["logprob"] < margin
+
+
+def same_prefix(x: dict, y: dict, n: int = 32) -> int:
+    """How many of the first n greedy tokens of x and y agree before they first differ."""
     for i, (a, b) in enumerate(zip(tokens(x)[:n], tokens(y)[:n])):
         if a != b:
-            top = y["choices"][0]["logprobs"]["content"][i]["top_logprobs"]
-            return len(top) > 1 and top[0]["logprob"] - top[1]["logprob"] < margin
-    return True
+            return i
+    return min(n, len(tokens(x)), len(tokens(y)))
 
 
 def logprobs(res: dict) -> list[float]:
@@ -81,10 +89,10 @@ def _answers(url: str, questions, parallel: int, **extra) -> list[dict]:
         return list(pool.map(lambda q: chat(client, url, user(q), **extra), questions))
 
 
-def _alone(model: Path, tmp_path: Path, env: dict | None = None, name: str = "alone") -> list[dict]:
+def _alone(model: Path, tmp_path: Path, env: dict | None = None, name: str = "alone", **extra) -> list[dict]:
     """The QUESTIONS one at a time on a 1-slot server (no prompt reuse between them)."""
     with llama_server(model, (*COMMON, "-np", "1", "-c", "1024"), log=tmp_path / f"{name}.log", env=env) as srv:
-        return _answers(srv.url, QUESTIONS, 1, cache_prompt=False)
+        return _answers(srv.url, QUESTIONS, 1, cache_prompt=False, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +118,16 @@ def test_parallel_slots_equal_one_slot(smol_latent, alone, tmp_path, unified):
 
 def test_latent_cache_equals_dense_cache(smol_latent, alone, tmp_path):
     """The same requests with ASVD_LATENT_KV=0 (the cache holds K = A_k B_k x and V instead of the
-    latents): the first 32 tokens are the same; the top-1 logprobs agree within 2e-2 there.
-    (Measured: 0.012 at most since prompts of 22-40 tokens fold V through build_attn_mha, whose K
-    is rebuilt from F16 latents and rounded to F16, instead of the fused op, which keeps it in
-    F32 and gave under 1e-2; the fused op now takes at most 64 query rows per KV head.)"""
-    dense = _alone(smol_latent, tmp_path, env={"ASVD_LATENT_KV": "0"}, name="dense")
+    latents): the first 32 tokens are the same up to a near-tie of the dense run (agree_up_to_a_near_tie),
+    and the top-1 logprobs agree within 2e-2 where the tokens do. (Measured: 0.012 at most since
+    prompts of 22-40 tokens fold V through build_attn_mha, whose K is rebuilt from F16 latents and
+    rounded to F16, instead of the fused op, which keeps it in F32 and gave under 1e-2; the fused
+    op now takes at most 64 query rows per KV head.)"""
+    dense = _alone(smol_latent, tmp_path, env={"ASVD_LATENT_KV": "0"}, name="dense", top_logprobs=2)
     for q, a, b in zip(QUESTIONS, alone, dense):
-        n = min(32, len(tokens(b)))
-        assert tokens(a)[:n] == tokens(b)[:n], q
-        assert max(abs(x - y) for x, y in zip(logprobs(a)[:n], logprobs(b)[:n])) < 2e-2, q
+        assert agree_up_to_a_near_tie(a, b), (q, tokens(a)[:32], tokens(b)[:32])
+        n = same_prefix(a, b)
+        assert all(abs(x - y) < 2e-2 for x, y in zip(logprobs(a)[:n], logprobs(b)[:n])), q
 
 
 FILL = "The river runs south through farmland and forest to the sea. "
@@ -129,14 +138,15 @@ def test_context_shift_long_conversation(smol_latent, tmp_path):
     padded until its prompt ends 24 tokens before n_ctx, so the server must drop half of the
     window (seq_rm + seq_add on the latent cache: cells move, positions change) while it
     answers. Both answers complete (120 tokens each), the server logs the shift, and the dense
-    cache doing the same gives the same tokens up to 32 tokens past the shift."""
+    cache doing the same gives the same tokens up to 32 tokens past the shift, or up to a near-tie
+    of the dense run before that (agree_up_to_a_near_tie)."""
     n_ctx, n_gen = 512, 120
     args = (*COMMON, "-np", "1", "-c", str(n_ctx), "--context-shift")
 
     def converse(env: dict | None, log: Path) -> tuple[list[dict], str]:
         with llama_server(smol_latent, args, log=log, env=env) as srv, httpx.Client() as client:
             messages = user(QUESTIONS[0])
-            r1 = chat(client, srv.url, messages, max_tokens=n_gen, ignore_eos=True)
+            r1 = chat(client, srv.url, messages, max_tokens=n_gen, ignore_eos=True, top_logprobs=2)
             messages.append({"role": "assistant", "content": text(r1)})
 
             def turn(k: int) -> list[dict]:
@@ -145,7 +155,7 @@ def test_context_shift_long_conversation(smol_latent, tmp_path):
             k = 0  # the most filler whose prompt (rendered by the server, then tokenized) still fits
             while prompt_tokens(client, srv.url, turn(k + 1)) <= n_ctx - 24:
                 k += 1
-            r2 = chat(client, srv.url, turn(k), max_tokens=n_gen, ignore_eos=True)
+            r2 = chat(client, srv.url, turn(k), max_tokens=n_gen, ignore_eos=True, top_logprobs=2)
             return [r1, r2], srv.log_text()
 
     lat, log = converse(None, tmp_path / "latent.log")
@@ -155,8 +165,8 @@ def test_context_shift_long_conversation(smol_latent, tmp_path):
     shift_at = n_ctx - 1 - lat[1]["usage"]["prompt_tokens"]  # generated tokens before the shift
     assert 0 < shift_at < n_gen - 32
     dense, _ = converse({"ASVD_LATENT_KV": "0"}, tmp_path / "dense.log")
-    assert tokens(lat[0])[:32] == tokens(dense[0])[:32]
-    assert tokens(lat[1])[:shift_at + 32] == tokens(dense[1])[:shift_at + 32]
+    assert agree_up_to_a_near_tie(lat[0], dense[0], 32), (tokens(lat[0])[:32], tokens(dense[0])[:32])
+    assert agree_up_to_a_near_tie(lat[1], dense[1], shift_at + 32), same_prefix(lat[1], dense[1], shift_at + 32)
 
 
 def prompt_tokens(client: httpx.Client, url: str, messages: list[dict]) -> int:
