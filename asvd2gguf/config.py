@@ -89,5 +89,5 @@ def parse_size(text: str) -> int:
                         "1000) or KiB, MiB, GiB (powers of 1024), e.g. 95M or 80MiB")
     value = float(m.group(1)) * _UNITS[unit]
     if not (math.isfinite(value) and value >= 1):
-        raise UserError(f"--size '{text}' must be a positive, finite number of bytes")
+        raise UserError(f"--size '{text}' must be at least 1 byte and finite")
     return int(value)

@@ -152,10 +152,10 @@ def default_out(cfg: ConvertConfig, name: str) -> Path:
 
 def check_out(out: Path, force: bool) -> None:
     """UserError when `out` exists (without `force`), is a folder, or its folder is missing."""
+    if out.is_dir():  # before "exists": --force cannot help here
+        raise UserError(f"{out} is a directory; give a file name")
     if out.exists() and not force:
         raise UserError(f"{out} exists; pass --force to overwrite")
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out} is a directory")
     if not out.parent.exists():
         raise UserError(f"output folder does not exist: {out.parent}")
 

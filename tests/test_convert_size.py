@@ -115,12 +115,16 @@ def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tok
     # the imatrix, written last, would replace the model (a new user's finding); also with --force
     (["--size", "95M", "--imatrix-out", "{out}"], "--imatrix-out is the output GGUF itself"),
     (["--ratio", "0.8", "--imatrix-out", "{out}", "--force"], "--imatrix-out is the output GGUF itself"),
+    (["--size", "0.5"], "--size '0.5' must be at least 1 byte"),
+    # a folder is named as such, not sent to --force first (both outputs)
+    (["--size", "95M", "--imatrix-out", "{dir}"], "is a directory; give a file name"),
+    (["--ratio", "0.8", "--out", "{dir}"], "is a directory; give a file name"),
 ])
 def test_size_errors(args, msg, tiny_models, calib_text, cache_dir, tmp_path, capsys):
     rc, _, err = run_cli(["convert", str(tiny_models["llama"]), "--out", str(tmp_path / "x.gguf"), "--calib",
                           str(calib_text), "--calib-samples", "4", "--calib-seqlen", "64", "--cache-dir",
-                          str(cache_dir), "--device", "cpu", *[a.format(out=tmp_path / "x.gguf") for a in args]],
-                         capsys)
+                          str(cache_dir), "--device", "cpu",
+                          *[a.format(out=tmp_path / "x.gguf", dir=tmp_path) for a in args]], capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 1 and len(errors) == 1 and msg in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "x.gguf").exists()
