@@ -123,8 +123,11 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
     return Calibration(tokens, hidden, stats, base_loss)
 
 
-def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task) -> None:
-    """Back-propagate the summed token loss block by block, keeping one block's graph at a time."""
+def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task,
+                     weighted: list[dict] | None = None) -> None:
+    """Back-propagate the summed token loss block by block, keeping one block's graph at a time.
+    With `weighted` (one dict per layer, filled here): per linear the token-weighted input Gram
+    sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2, g_t the linear's output gradient at token t."""
     n_tok = tokens.shape[0] * tokens.shape[1]
     grad = torch.empty_like(hidden[-1])
     dev = runner.device_of(runner.inner.norm)
@@ -140,12 +143,20 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
     for i in reversed(range(len(runner.layers))):
         layer = runner.layers[i]
         acc: dict[str, torch.Tensor] = {}
+        wacc: dict[str, list] = {}
 
         def out_hook(key):
-            def fwd(_m, _a, out):
+            def fwd(_m, args, out):
+                x = args[0].detach() if weighted is not None else None
+
                 def bwd(g):
                     g2 = g.reshape(-1, g.shape[-1]).to(torch.float64)
                     acc[key] = acc.get(key, 0) + g2.T @ g2
+                    if x is not None:
+                        wt = (g2 ** 2).sum(1)
+                        x2 = x.reshape(-1, x.shape[-1]).to(g2.device, torch.float64)
+                        prev = wacc.get(key, (0, 0))
+                        wacc[key] = (prev[0] + (x2 * wt[:, None]).T @ x2, prev[1] + float(wt.sum()))
 
                 out.register_hook(bwd)
 
@@ -168,6 +179,8 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task)
                 hd.remove()
         for key, a in acc.items():
             stats[i].out_gram[key] = (a / n_tok).float().cpu()
+        if weighted is not None:
+            weighted[i] = {key: (a / max(wsum, 1e-300)).float().cpu() for key, (a, wsum) in wacc.items()}
         grad = new_grad
         if progress:
             progress.advance(task)
@@ -194,6 +207,40 @@ def cached_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_d
         cache.save(stats.to_dict(), root / f"layer_{i:03d}.pt")
     write_text_atomic(meta, json.dumps({"fisher": need_fisher, "base_loss": calib.base_loss}))
     return calib.layers
+
+
+def token_weighted_grams(runner: BlockRunner, tokens: torch.Tensor, progress=None) -> list[dict[str, torch.Tensor]]:
+    """Per layer and linear key the token-weighted input Gram sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2
+    (n, n) float32 of `tokens` (N, T), g_t the linear's output gradient of the summed loss.
+
+    K-FAC prices a weight error dW as 0.5 tr(dW^T Gg dW Gx), taking the input x and the output
+    gradient g independent. A linear whose output is normalised before it joins the residual
+    (Gemma 3's o_proj and down_proj, under post-attention / post-feedforward norms) breaks that:
+    its large-|x| tokens have small |g|, and K-FAC over-predicts the exact per-token form
+    E[(g^T dW x)^2] up to 250x (docs/results.md). Weighting each token's x x^T by |g_t|^2 keeps
+    only the independence of x and g's direction: measured on Gemma 3 270M within 0.4-1.5x of
+    the exact form for q/o/down_proj in three layers (K-FAC: 0.004-1.6x)."""
+    hidden = [runner.embed(tokens)]
+    for i in range(len(runner.layers)):
+        hidden.append(runner.run_block(i, hidden[-1]))
+    n_layer = len(runner.layers)
+    task = progress.add_task("token-weighted input Grams", total=n_layer) if progress else None
+    weighted: list[dict] = [{} for _ in range(n_layer)]
+    _fisher_backward(runner, tokens, hidden, [LayerStats() for _ in range(n_layer)], progress, task, weighted)
+    return weighted
+
+
+def cached_token_weighted_grams(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_dir: Path,
+                                progress=None) -> list[dict[str, torch.Tensor]]:
+    """token_weighted_grams, cached under <cache_dir>/calib by the model's content and the tokens."""
+    root = cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), "tw-v1")
+    layers = [cache.load(root / f"layer_{i:03d}.pt") for i in range(src.n_layer)]
+    if all(x is not None for x in layers):
+        return layers
+    layers = token_weighted_grams(runner, tokens, progress)
+    for i, d in enumerate(layers):
+        cache.save(d, root / f"layer_{i:03d}.pt")
+    return layers
 
 
 def _non_finite_weight(src: Source) -> str:
@@ -282,5 +329,80 @@ def cached_embedding_stats(src: Source, runner: BlockRunner, tokens: torch.Tenso
     if hit is not None:
         return hit
     out = embedding_stats(runner, tokens)
+    cache.save(out, path)
+    return out
+
+
+# ---------------------------------------------------------------- the runtime's activation rounding
+
+class _ActAcc:
+    """Per vec-dot type, the sum over tokens of the squared rounding error per input channel."""
+
+    def __init__(self, vts, cpu):
+        self.vts, self.cpu, self.sums, self.count = vts, cpu, {}, 0
+
+    def add(self, x: torch.Tensor):
+        from . import ggml_lib as G
+
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu().numpy()
+        for vt in self.vts:
+            if x.shape[1] % G.block_size(vt):
+                continue  # no weight type reading this input converts it to vt (its block does not fit the row)
+            err = torch.from_numpy((G.as_vec_dot(x, vt, self.cpu) - x) ** 2).double().sum(0)
+            name = G.name_of(vt)
+            self.sums[name] = self.sums[name] + err if name in self.sums else err
+        self.count += x.shape[0]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {k: (v / self.count).float() for k, v in self.sums.items()}
+
+
+def act_rounding_stats(runner: BlockRunner, tokens: torch.Tensor, vec_dot_types, cpu=None, progress=None) -> dict:
+    """What the CPU backend's conversion of a matmul's input to its vec-dot type (ggml_lib.as_vec_dot:
+    Q8_0, Q8_1 or Q8_K, by the weight's type) costs, measured on the calibration `tokens` (N, T):
+    per layer and input group {vec-dot type name: E[(x - conv(x))^2] per input channel (n,)}, and
+    the same for the output head's input (the final normed hidden state, (d,)). Float32, CPU.
+
+    pricing.act_cost turns them into predicted loss: llama.cpp computes a quantized matmul as
+    W conv(x), an input error the weight's own rounding does not show (measured on Gemma 3 270M:
+    its source Q4_K_M file, whose weights are those of the reference, has KLD 0.005 against it).
+    """
+    hidden = runner.embed(tokens)
+    layers = []
+    task = progress.add_task("activation rounding", total=len(runner.layers)) if progress else None
+    for i, layer in enumerate(runner.layers):
+        accs = {g: _ActAcc(vec_dot_types, cpu) for g in GROUP_HEAD}
+        handles = [get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
+                   for g, spec in GROUP_HEAD.items()]
+        try:
+            hidden = runner.run_block(i, hidden)
+        finally:
+            for h in handles:
+                h.remove()
+        layers.append({g: acc.means() for g, acc in accs.items()})
+        if progress:
+            progress.advance(task)
+    head = _ActAcc(vec_dot_types, cpu)
+    dev = runner.device_of(runner.inner.norm)
+    with torch.no_grad(), runner.on_device(runner.inner.norm):
+        for sl in runner._slices(hidden.shape[0]):
+            head.add(runner.inner.norm(hidden[sl].to(dev)))
+    return {"layers": layers, "head": head.means()}
+
+
+def cached_act_rounding_stats(src: Source, runner: BlockRunner, tokens: torch.Tensor, cache_dir: Path,
+                              vec_dot_types, progress=None) -> dict:
+    """act_rounding_stats, cached under <cache_dir>/calib by the model's content, the tokens, the
+    llama.cpp build (its conversion code) and the vec-dot types."""
+    from . import ggml_lib as G
+    from . import llamacpp
+
+    names = sorted(G.name_of(t) for t in vec_dot_types)
+    path = cache_dir / "calib" / cache.key(src.fingerprint, tokens_digest(tokens), llamacpp.build_key(), names,
+                                           "act-v1") / "act.pt"
+    hit = cache.load(path)
+    if hit is not None:
+        return hit
+    out = act_rounding_stats(runner, tokens, vec_dot_types, G.load_cpu(), progress)
     cache.save(out, path)
     return out

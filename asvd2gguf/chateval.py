@@ -32,7 +32,8 @@ import torch
 
 from .atomic import write_atomic, write_text_atomic
 from .chat import DATA, answered, chat_template, digest, encode, load_prompts, render, stop_key
-from .errors import UserError
+from .errors import UserError, require_file
+from .text import adds_bos
 
 QUESTIONS_FILE = DATA / "chat_questions.json"
 KINDS = ("text", "number", "short")
@@ -208,8 +209,7 @@ def load_eval_model(spec: str, cache_dir: Path) -> EvalModel:
 
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise UserError(f"base model file not found: {p}")
+        require_file(p, "base model file")
         from .gguf_keys import KEY_FORMAT_VERSION
         from .gguf_read import field_value, load_gguf_model, open_gguf
 
@@ -314,7 +314,7 @@ def chat_kld(file: Path, base: EvalModel, cache_dir: Path, ctx: int = 512, chunk
     convs = heldout_conversations(base, template, cache_dir)
     ids = torch.cat([encode(base.tokenizer, render(base.tokenizer, template, c)) for c in convs])
     n_vocab = vocab_size(file)
-    add_bos = bool(field_value(open_gguf(file), "tokenizer.ggml.add_bos_token", False))
+    add_bos = adds_bos(base.tokenizer, file)
     bos = field_value(open_gguf(file), "tokenizer.ggml.bos_token_id")
     key = digest([base.fingerprint, template, digest(convs), ctx, chunks, n_vocab, add_bos, bos, "klbase-v1"])
     root = cache_dir / "chat"

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .config import DEFAULT_METHOD_REASON, DEFAULT_RATIO
 from .config import DEFAULTS as D  # the defaults live in ConvertConfig; the options only show them
-from .errors import AsvdWarning, UserError
+from .errors import AsvdWarning, UserError, require_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress causal LMs by activation-aware SVD and write factored GGUF files for llama.cpp.")
@@ -130,14 +130,15 @@ def convert(
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     for f in res.fallbacks:
         console.print(f"[yellow]warning:[/] {f}", highlight=False, soft_wrap=True)
-    if res.plan is not None and res.plan.sized:
-        from .ranks import format_bytes
+    from .ranks import format_bytes
 
-        console.print(f"size plan: {format_bytes(res.plan.nbytes)} planned, predicted loss increase "
-                      f"{res.plan.predicted_loss:.4f} nats", highlight=False)
+    if res.plan is not None and res.plan.sized:
+        console.print(f"size plan: {format_bytes(res.plan.nbytes)} planned for {format_bytes(res.plan.budget_bytes)}, "
+                      f"predicted loss increase {res.plan.predicted_loss:.4f} nats", highlight=False)
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
-    out_console.print(f"wrote {res.out}", highlight=False, soft_wrap=True)  # one line even in a pipe
+    # one line even in a pipe
+    out_console.print(f"wrote {res.out} ({format_bytes(res.out.stat().st_size)})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -216,7 +217,7 @@ def ppl(
     """Torch-side perplexity over non-overlapping windows; ends with 'PPL = <value>'."""
     from .perplexity import torch_perplexity
     from .source import EMBEDDED, embedded_path, load_source
-    from .text import eval_windows, llama_windows
+    from .text import adds_bos, eval_windows, llama_windows
 
     if ctx < 2:
         fail("--ctx must be at least 2")
@@ -232,7 +233,7 @@ def ppl(
         fail(f"model not found: {model}")
     if llama_compat:
         gguf_file = embedded_path(model, cache_dir) if model in EMBEDDED else Path(model)
-        add_bos = _gguf_add_bos(gguf_file) if gguf_file.suffix == ".gguf" else bool(getattr(tok, "add_bos_token", 0))
+        add_bos = adds_bos(tok, gguf_file if gguf_file.suffix == ".gguf" else None)
         windows = llama_windows(tok, text, ctx, chunks, add_bos, tok.bos_token_id)
     else:
         windows = eval_windows(tok, text, ctx, chunks)
@@ -242,11 +243,6 @@ def ppl(
                       f"{' (llama-perplexity scoring)' if llama_compat else ''}", highlight=False)
     out_console.print(f"PPL = {value:.4f}", highlight=False)
 
-
-def _gguf_add_bos(path: Path) -> bool:
-    from .gguf_read import field_value, open_gguf
-
-    return bool(field_value(open_gguf(path), "tokenizer.ggml.add_bos_token", False))
 
 
 def _is_factored_or_ours(path: Path) -> bool:
@@ -327,13 +323,12 @@ def eval_cmd(
         fail("give --text FILE (perplexity) or --chat (chat KLD and question score)")
     _positive(ctx=ctx, chunks=chunks, threads=threads)
     for p in (file,) + ((text,) if text else ()):
-        if not p.is_file():
-            fail(f"file not found: {p}")
+        require_file(p)
     if text is not None:
         from .llamacpp import perplexity
 
-        if base and not Path(base).is_file():
-            fail(f"file not found: {base}")
+        if base:
+            require_file(base)
         res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=Path(base) if base else None)
         for k, v in res.items():
             out_console.print(f"{k} = {v}", highlight=False)

@@ -19,9 +19,10 @@ The options and their defaults are config.ConvertConfig.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -41,7 +42,7 @@ from .gguf_write import OUTTYPES, QUANT_FILE_TYPES, clean_stale_partials, write_
 from .hf_donor import donor_for
 from .perplexity import cached_base_loss, calib_loss
 from .placement import main_device, map_summary, remove_offload, resolve_placement
-from .quantize import SIGMA_SPLITS, NonBlockEncoder, quantize_blocks
+from .quantize import SIGMA_SPLITS, NonBlockEncoder, SourceBlocks, quantize_blocks
 from .quantize import plan as quant_plan
 from .ranks import RankPlan, plan_ranks
 from .sensitivity import SENSITIVITIES, ppl_sensitivity
@@ -388,23 +389,37 @@ def _asvd_kv_bytes(cfg: ConvertConfig, calib_desc: str, n_layer: int, latent: bo
     return kv_bytes(meta) + kv_bytes(size)
 
 
-def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, store, infos, stats, lib, progress):
+def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens, store, infos, stats, lib, progress,
+                   sources: SourceBlocks):
     """Every priced Option per block linear and for token_embd (and an untied output), their shapes,
     the head's imatrix and whether the embedding is tied. Cached per linear under
     <cache_dir>/pricing, in three entries keyed by what determines them: the analysis entry and
     the llama.cpp build, plus the dense types (dense options), the factor types, exact ranks,
-    rank grid and sigma split (factored options), the embedding types (embedding options)."""
+    rank grid and sigma split (factored options), the embedding types (embedding options).
+    A tensor the source GGUF stores quantized also gets the option of keeping those blocks
+    (pricing.source_option; priced on every run: one dequantization)."""
     from . import cache, llamacpp
+    from . import ggml_lib as G
     from . import pricing as P
     from .arch import SPEC, get_module
-    from .calibrate import cached_embedding_stats
+    from .calibrate import cached_act_rounding_stats, cached_embedding_stats, cached_token_weighted_grams
     from .placement import materialized
+    from .quantize import ggml_dequantized
     from .ranks import Option, size_ranks
 
     base = (store.root.name, llamacpp.build_key())
-    dense_root = cfg.cache_dir / "pricing" / cache.key(*base, "dense", P.DENSE_TYPES, "v2")
+    dense_root = cfg.cache_dir / "pricing" / cache.key(*base, "dense", P.DENSE_TYPES, tokens_digest(tokens), "tw-v3")
     fact_root = cfg.cache_dir / "pricing" / cache.key(*base, "factored", P.FACTOR_TYPES, P.EXACT_RANKS,
                                                       cfg.rank_align, cfg.sigma_split, "v2")
+    cpu = G.load_cpu()
+    vts = {G.vec_dot_type(t, cpu) for t in G.TYPES} - {G.T.F32, G.T.F16, G.T.BF16}
+    act = cached_act_rounding_stats(src, runner, tokens, cfg.cache_dir, vts, progress)
+    tw = cached_token_weighted_grams(src, runner, tokens, cfg.cache_dir, progress)
+
+    @functools.cache
+    def vec_dot(written: str) -> str:
+        return G.name_of(G.vec_dot_type(written, cpu))
+
     options, shapes = {}, {}
     todo = [info for info in infos if any(cache.load(r / f"L{info.layer:03d}.{info.key}.pt") is None
                                           for r in (dense_root, fact_root))]
@@ -412,14 +427,18 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     for info in infos:
         name = f"L{info.layer:03d}.{info.key}.pt"
         dense, fact = cache.load(dense_root / name), cache.load(fact_root / name)
+        spec = SPEC[info.key]
+        kept = sources.get(f"blk.{info.layer}.{spec.gguf}", (info.m, info.n))
+        lin = get_module(runner.layers[info.layer], spec.module)
+        with materialized(lin):
+            w = lin.weight.detach().float().cpu()
+        # dense options' cost: the token-weighted input Gram (pricing.py); imatrix: the plain one, as
+        # llama-imatrix's. Factored options keep the plain Gram of the truncation curves they build on
+        gx, gg = stats[info.layer].gram[spec.group], stats[info.layer].out_gram[info.key]
+        gxw = tw[info.layer][info.key]
         if dense is None or fact is None:
-            spec = SPEC[info.key]
-            lin = get_module(runner.layers[info.layer], spec.module)
-            with materialized(lin):
-                w = lin.weight.detach().float().cpu()
-            gx, gg = stats[info.layer].gram[spec.group], stats[info.layer].out_gram[info.key]
             if dense is None:
-                dense = [o.to_dict() for o in P.price_dense(w, gx, gg, lib=lib)]
+                dense = [o.to_dict() for o in P.price_dense(w, gxw, gg, lib=lib, im_gram=gx)]
                 cache.save(dense, dense_root / name)
             if fact is None:
                 fact = [o.to_dict() for o in P.price_factored(
@@ -428,7 +447,16 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
                 cache.save(fact, fact_root / name)
             if task is not None:
                 progress.advance(task)
-        options[(info.layer, info.key)] = [Option.from_dict(d) for d in dense + fact]
+        opts = [Option.from_dict(d) for d in dense + fact]
+        if kept is not None:
+            cost = P.fisher_cost(ggml_dequantized(kept, lib) - w, gxw.float(), gg.float())
+            opts = P.with_source(opts, P.source_option(G.name_of(kept.qtype), kept.data.numel(), cost))
+        # the runtime's rounding of the input: by the type reading it (dense: W's; a pair: B's)
+        plain = P.act_weights(w, gg)
+        weights = {0: plain * P.token_weighting(gxw, gx), 1: plain}  # dense, factored: as their weight costs
+        err = act["layers"][info.layer][spec.group]
+        options[(info.layer, info.key)] = [replace(o, cost=o.cost + P.act_cost(weights[int(o.rank > 0)], err.get(
+            vec_dot(o.types[-1])))) for o in opts]
         shapes[(info.layer, info.key)] = (info.m, info.n)
     emb = runner.inner.embed_tokens.weight
     head = src.model.lm_head.weight
@@ -437,19 +465,29 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     head_im = P.imatrix_dense(est["gh"])
     path = cfg.cache_dir / "pricing" / cache.key(*base, "embd", src.fingerprint, tokens_digest(tokens), P.EMBD_TYPES,
                                                  "v2") / "embd.pt"
+    # each matrix's roles (embedding_cost): a tied token_embd is also the head; an untied one only an input
+    hs, inp = (est["gh"], est["gdiag"]), (est["freq"], est["ge"])
+    roles = {"token_embd": (emb, hs if tied else None, inp)} if tied else {"token_embd": (emb, None, inp),
+                                                                             "output": (head, hs, None)}
     hit = cache.load(path)
     if hit is None:
-        hs = (est["gh"], est["gdiag"])
-        hit = {"token_embd": [o.to_dict() for o in P.price_embedding(
-            emb.detach().float(), head=hs if tied else None, inp=(est["freq"], est["ge"]),
-            imatrix=head_im if tied else None, lib=lib)]}
-        if not tied:
-            hit["output"] = [o.to_dict() for o in P.price_embedding(head.detach().float(), head=hs, imatrix=head_im,
-                                                                    lib=lib)]
+        hit = {name: [o.to_dict() for o in P.price_embedding(mat.detach().float(), head=h, inp=x, lib=lib,
+                                                              imatrix=head_im if h is not None else None)]
+               for name, (mat, h, x) in roles.items()}
         cache.save(hit, path)
     for name, opts in hit.items():
         options[name] = [Option.from_dict(d) for d in opts]
-        shapes[name] = tuple(emb.shape if name == "token_embd" else head.shape)
+        mat, h, x = roles[name]
+        shapes[name] = tuple(mat.shape)
+        kept = sources.get(name, shapes[name])
+        if kept is not None:
+            de = ggml_dequantized(kept, lib) - mat.detach().float().cpu()
+            options[name] = P.with_source(options[name], P.source_option(G.name_of(kept.qtype), kept.data.numel(),
+                                                                          P.embedding_cost(de, h, x)))
+        if h is not None:  # the head's matmul rounds its input (a lookup, the embedding's role, does not)
+            weights = P.head_act_weights(mat.detach().float().cpu(), h[1])
+            options[name] = [replace(o, cost=o.cost + P.act_cost(weights, act["head"].get(vec_dot(o.types[0]))))
+                             for o in options[name]]
     return options, shapes, head_im, tied
 
 
@@ -485,7 +523,10 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
 
     lib = ggml_lib.load()
     stats = cached_stats(src, runner, tokens, cfg.cache_dir, progress, need_fisher=True)
-    options, shapes, head_im, tied = _price_options(cfg, src, runner, tokens, store, infos, stats, lib, progress)
+    hf_config = src.model.config
+    sources = SourceBlocks(src.gguf_path, src.arch, hf_config.num_attention_heads, hf_config.num_key_value_heads)
+    options, shapes, head_im, tied = _price_options(cfg, src, runner, tokens, store, infos, stats, lib, progress,
+                                                    sources)
     stages.done("priced every (rank, type) option and the embedding types")
 
     donor, extra = donor_for(src, cfg.cache_dir)
@@ -503,12 +544,16 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     stages.done(f"size plan: {format_bytes(plan.nbytes)} planned for {format_bytes(max_bytes)}, "
                 f"{sum(1 for r in plan.ranks.values() if r)} of {len(plan.ranks)} linears factored, "
                 f"predicted loss increase {plan.predicted_loss:.4f} nats")
+    best = all(o.cost <= min(x.cost for x in options[k]) for k, o in plan.choices.items())
+    if best and plan.nbytes < 0.99 * max_bytes:
+        warnings.append(f"{what} is more than this model can use: every tensor is at its lowest-loss option "
+                        f"in {format_bytes(plan.nbytes)}")
 
     float_blocks, plan = final_blocks(src.model, store, plan, cfg.sigma_split)
     float_blocks, refit_desc = _refit(cfg, src, runner, tokens, calib_desc, float_blocks, stages, progress)
-    blocks, seen = quantize_sized(float_blocks, plan, [s.gram for s in stats], lib, progress)
+    blocks, seen = quantize_sized(float_blocks, plan, [s.gram for s in stats], lib, progress, sources)
     stages.done("quantized block linears with llama.cpp's quantizers")
-    nonblock = SizedNonBlock(plan, head_im, tied, lib)
+    nonblock = SizedNonBlock(plan, head_im, tied, lib, sources)
     # under a device map the embedding may be offloaded (no values to swap): then it counts as original
     with contextlib.nullcontext() if runner.mapped else nonblock.seen(runner.inner.embed_tokens.weight,
                                                                        src.model.lm_head.weight):
@@ -522,9 +567,9 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     meta.update(size_metadata(cfg, plan))
     by_type: dict[str, int] = {}
     for key in plan.ranks:
-        by_type[plan.choices[key].qtype] = by_type.get(plan.choices[key].qtype, 0) + plan.choices[key].nbytes
+        written = plan.choices[key].types[0]
+        by_type[written] = by_type.get(written, 0) + plan.choices[key].nbytes
     file_type = SIZE_FILE_TYPES.get(max(by_type, key=by_type.get), 1)
-    hf_config = src.model.config
     write_gguf(out, donor, src.arch, src.n_layer, hf_config.num_attention_heads, hf_config.num_key_value_heads,
                lambda i: blocks[i], extra, meta, cfg.outtype, progress,
                nonblock_map=nonblock, file_type=file_type)

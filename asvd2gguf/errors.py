@@ -4,10 +4,22 @@ warnings and fallbacks (what was done instead of what was asked) as typed record
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class UserError(Exception):
     """A problem with the user's input or environment; the message is shown as-is, no traceback."""
+
+
+def require_file(path, what: str = "file") -> Path:
+    """`path` as a Path when it is an existing file; else UserError naming `what` and whether it
+    is missing or a folder (the one check every input file of every command goes through)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory, not a file")
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    return p
 
 
 class AsvdWarning(UserWarning):

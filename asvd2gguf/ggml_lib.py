@@ -13,6 +13,8 @@ does not divide the row length is replaced by a 32-block type of similar size, o
     row_size(t, n)          bytes of one row of n values (ggml_row_size)
     quantize(x, t, imatrix) raw blocks (rows, row_size) uint8, multithreaded over rows
     dequantize(data, t, n)  float32 (rows, n)
+    vec_dot_type(t)         the type the CPU backend converts a matmul's input to for weight type t
+    as_vec_dot(x, t)        activations x as that conversion leaves them (its rounding error)
 
 Shapes are ggml's row view: a weight (n_out, n_in) has n_out rows of n_in values (ne0 = n_in).
 """
@@ -57,6 +59,14 @@ class _Traits(ctypes.Structure):
 
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_FROM_FLOAT = _TO_FLOAT  # ggml_from_float_t: (const float * x, void * y, int64_t k), the same C signature
+
+
+class _CpuTraits(ctypes.Structure):
+    """struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h of the pinned tree)."""
+
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p), ("vec_dot_type", ctypes.c_int),
+                ("nrows", ctypes.c_int64)]
 
 
 def type_of(name: str | int | T) -> T:
@@ -113,6 +123,28 @@ def _lib_at(path: str) -> ctypes.CDLL:
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     return lib
+
+
+@functools.cache
+def _cpu_at(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    lib.ggml_cpu_init()  # the fp16 tables its conversions read
+    return lib
+
+
+def load_cpu(bin_dir: Path | None = None) -> ctypes.CDLL:
+    """libggml-cpu of the patched llama.cpp in `bin_dir` (default: llamacpp.build()): the CPU
+    backend's own type traits. Raises UserError when the library is missing there."""
+    if bin_dir is None:
+        from . import llamacpp
+
+        bin_dir = llamacpp.build()
+    path = Path(bin_dir) / "libggml-cpu.so"
+    if not path.is_file():
+        raise UserError(f"{path} not found: build llama.cpp first (asvd2gguf build-llama)")
+    return _cpu_at(str(path))
 
 
 def load(bin_dir: Path | None = None) -> ctypes.CDLL:
@@ -225,6 +257,45 @@ def dequantize(data: np.ndarray, t: T | int | str, n_per_row: int, lib: ctypes.C
     fn = _TO_FLOAT(lib.ggml_get_type_traits(int(t)).contents.to_float)
     fn(data.ctypes.data, out.ctypes.data, out.size)
     return out
+
+
+def vec_dot_type(t: T | int | str, cpu: ctypes.CDLL | None = None) -> T:
+    """The type the CPU backend converts a matmul's activations to before the dot products with a
+    weight of type `t` (its type traits' vec_dot_type: Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
+    Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, F16 for F16). ggml-cpu.c of the pinned tree."""
+    cpu = cpu or load_cpu()
+    return T(cpu.ggml_get_type_traits_cpu(int(type_of(t))).contents.vec_dot_type)
+
+
+# the 8-bit activation types' blocks (ggml-common.h): (values per block, scale dtype, bytes before the quants)
+_ACT_BLOCKS = {T.Q8_0: (32, np.float16, 2), T.Q8_1: (32, np.float16, 4), T.Q8_K: (256, np.float32, 4)}
+
+
+def as_vec_dot(x: np.ndarray, vt: T | int | str, cpu: ctypes.CDLL | None = None) -> np.ndarray:
+    """Activations `x` (rows, n) float32 after the CPU backend's conversion to the vec-dot type `vt`
+    (its from_float, the code the matmul runs) and back: float32 (rows, n). For an 8-bit type
+    (Q8_0, Q8_1, Q8_K) the values are d * q per block; a float type returns `x` at that type.
+    Raises ValueError when the block does not divide n or `vt` is none of these."""
+    cpu = cpu or load_cpu()
+    vt = T(int(vt)) if not isinstance(vt, str) else type_of(vt)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if vt in (T.F32, T.F16, T.BF16):
+        if vt == T.F16:
+            return x.astype(np.float16).astype(np.float32)
+        return x if vt == T.F32 else dequantize(gguf.quants.quantize(x, T.BF16), T.BF16, x.shape[1])
+    if vt not in _ACT_BLOCKS:
+        raise ValueError(f"no activation round trip for {vt.name}")
+    blk, scale_t, head = _ACT_BLOCKS[vt]
+    rows, n = x.shape
+    if n % blk:
+        raise ValueError(f"row length {n} is not a multiple of {vt.name}'s block {blk}")
+    size = int(load().ggml_row_size(int(vt), blk))  # the tree's block bytes (gguf-py's Q8_1 entry is an older layout)
+    raw = np.empty((rows * n // blk, size), dtype=np.uint8)
+    fn = _FROM_FLOAT(cpu.ggml_get_type_traits_cpu(int(vt)).contents.from_float)
+    fn(x.ctypes.data, raw.ctypes.data, x.size)
+    d = raw[:, :np.dtype(scale_t).itemsize].copy().view(scale_t).astype(np.float32)
+    q = raw[:, head:head + blk].view(np.int8).astype(np.float32)
+    return (d * q).reshape(rows, n)
 
 
 def round_trip(x: np.ndarray, t: T | int | str, imatrix: np.ndarray | None = None,

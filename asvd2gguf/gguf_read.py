@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .arch import KV_KEYS, LINEARS, arch_spec, get_module, permuted_heads, set_module, unpermute_rows_for_llama
-from .errors import UserError
+from .errors import UserError, require_file
 from .ggml_quants import dequantize
 from .gguf_fast import FastGGUFReader
 from .gguf_keys import KEY_KV_LATENT, PREFIX
@@ -26,8 +26,7 @@ from .rope import check_rope_freqs
 
 def open_gguf(path: Path) -> FastGGUFReader:
     """A reader of `path`; UserError when it is missing or not a readable GGUF."""
-    if not Path(path).is_file():
-        raise UserError(f"GGUF file not found: {path}")
+    require_file(path, "GGUF file")
     try:
         return FastGGUFReader(path)
     except UserError:

@@ -24,6 +24,7 @@ from .atomic import write_atomic
 from .errors import UserError
 from .ggml_quants import Quantized, dequantize
 from .gguf_fast import FastGGUFReader
+from .gguf_keys import PREFIX
 
 PARTIAL = "partial"  # the temporary name of an output being written: .<name>.partial-<pid>
 OUTTYPES = {
@@ -61,8 +62,10 @@ def _np(t: torch.Tensor | np.ndarray | Quantized, outtype: str):
 
 
 def _copy_kv(writer: gguf.GGUFWriter, reader: FastGGUFReader, skip: set[str]) -> None:
+    """The donor's keys, less `skip` and its own asvd.* keys (a source converted by us before:
+    they describe that conversion, and this one writes its own)."""
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip:
+        if key.startswith(("GGUF.", PREFIX)) or key in skip:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
@@ -109,7 +112,7 @@ def write_gguf(
         name_field = reader.fields.get("general.name")
         base_name = name_field.contents() if name_field is not None else out.stem
         _copy_kv(writer, reader, {"general.architecture", "general.name", "general.file_type"})
-        writer.add_name(f"{base_name} (ASVD)")
+        writer.add_name(base_name if base_name.endswith(" (ASVD)") else f"{base_name} (ASVD)")
         writer.add_file_type(int(OUTTYPES[outtype][1]) if file_type is None else file_type)
         for k, (v, vt) in asvd_meta.items():
             if vt == gguf.GGUFValueType.ARRAY:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_dir, write_atomic
-from .errors import UserError
+from .errors import UserError, require_file
 from .llamacpp_tree import COMMIT, SDIST, SDIST_SHA256, cache_root, sdist_path, source_tree
 
 
@@ -615,9 +615,8 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     fixed build to use instead of the current patches' build.
     """
     model, text = Path(model), Path(text)
-    for p, what in ((model, "model"), (text, "text")):
-        if not p.is_file():
-            raise UserError(f"{what} file not found: {p}")
+    for p, what in ((model, "model file"), (text, "text file")):
+        require_file(p, what)
     if ctx < 1 or (chunks is not None and chunks < 1):
         # llama-perplexity takes a missing --chunks as "the whole file": 0 must not mean that
         raise UserError(f"ctx and chunks must be at least 1 (got ctx {ctx}, chunks {chunks})")
@@ -629,8 +628,7 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
         cmd += ["--chunks", str(chunks)]
     if kl_base is not None:
         kl_base = Path(kl_base)
-        if not kl_base.is_file():
-            raise UserError(f"base file not found: {kl_base}")
+        require_file(kl_base, "base file")
         logits = kl_base
         if kl_base.suffix == ".gguf":
             logits = _kl_base_logits(exe, kl_base, text, ctx, chunks, threads, extra)

@@ -7,10 +7,27 @@ prices rank truncation (sensitivity.tail_curves, `fisher`):
 
     cost(dW) = 0.5 tr(dW^T Gg dW Gx)        Gx = X^T X / T (input Gram), Gg = G^T G / T (output gradient)
 
+Size plans price dense options with the token-weighted input Gram sum_t |g_t|^2 x_t x_t^T /
+sum_t |g_t|^2 as Gx (calibrate.token_weighted_grams): K-FAC's independence of x and g fails for
+linears whose output is normalised (Gemma 3's o_proj / down_proj: large-|x| tokens have small |g|)
+and over-predicts their rounding up to 250x; the weighting keeps only the independence of x from
+g's direction. Factored options keep the plain Gx: their cost builds on the analysis' truncation
+curve (plain K-FAC), and weighted exact costs against that curve made the interpolated penalties
+negative (measured on Gemma 3: a plan of 43 F16 pairs at ranks 64-128 priced at ~0 had
+calibration perplexity 339 against 84).
+The quantizers' imatrix stays the plain diag(X^T X / T), as llama-imatrix computes it.
+
 with dW = deq(quant(W)) - W for a dense option and dW = deq(quant(A)) deq(quant(B)) - W for a
 factored one: the error of truncation and of quantization together, measured by quantizing
 with llama.cpp's own code (ggml_lib) and dequantizing. Rank and type then compete on one scale
 (nats per byte). Martens and Grosse, arXiv 1503.05671 (K-FAC); ASVD, arXiv 2312.05821 (STRS).
+
+The runtime adds an error of its own: the CPU backend multiplies a quantized weight with its input
+converted to the weight type's vec-dot type (Q8_0 for the 32-block types, Q8_1 for Q4_1/Q5_1, Q8_K
+for the K-quants; ggml_lib.vec_dot_type), so a type also costs act_cost = 0.5 sum_j diag(W^T Gg W)_j
+E[dx_j^2] with dx the input's rounding (calibrate.act_rounding_stats), added to the option's cost
+by the caller. F16 converts its input to F16, as the F16 reference does: no cost. A factored
+option pays its B's input rounding; A's input (B x, not measured) is left unpriced.
 
 The importance matrix each quantization gets is llama.cpp's: the per-input-column mean of x^2,
 diag(Gx) for W and B (llama-imatrix's `in_sum2 / counts`), diag(B Gx B^T) for A (its input is B x).
@@ -45,6 +62,7 @@ DENSE_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "i
                "q2_k")
 FACTOR_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
 EMBD_TYPES = ("f16", "q8_0", "q6_k", "q5_k", "q4_k", "q3_k")
+SOURCE = "source"  # the Option.qtype of a tensor kept in its source GGUF's own blocks (source_option)
 FACTOR_ORDER = {t: i for i, t in enumerate(FACTOR_TYPES)}
 EXACT_RANKS = 3  # factored ranks priced exactly per linear and type (see the module docstring)
 
@@ -56,6 +74,35 @@ def fisher_cost(dw: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor) -> float:
     (the same form, there summed over truncated singular directions).
     """
     return 0.5 * float(((gg @ dw).double() * (dw @ gx).double()).sum())
+
+
+def act_weights(w: torch.Tensor, gg: torch.Tensor) -> torch.Tensor:
+    """diag(W^T Gg W) (n,) float64 for w (m, n), gg (m, m): per input channel, the K-FAC predicted
+    loss of a unit squared error in that input (the output error is W dx)."""
+    w = w.float()
+    return ((gg.float() @ w) * w).sum(0).double()
+
+
+def head_act_weights(e: torch.Tensor, gdiag: torch.Tensor) -> torch.Tensor:
+    """diag(E^T diag(gdiag) E) (d,) float64 for the output head E (V, d) with the logit-gradient
+    diagonal gdiag (V,) (embedding_cost's head role): act_weights of the head."""
+    return (gdiag.double()[:, None] * e.double() ** 2).sum(0)
+
+
+def token_weighting(gxw: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """diag(Gx_w) / diag(Gx) (n,) float64: per input channel how much the token weighting by |g|^2
+    moves its mean x^2, applied to the input's rounding error too (its squared error scales with
+    the block's |x|^2); 1 where the channel never fires."""
+    a, b = torch.diagonal(gxw).double(), torch.diagonal(gx).double()
+    return torch.where(b > 0, a / b.clamp_min(1e-300), torch.ones_like(b))
+
+
+def act_cost(weights: torch.Tensor, err: torch.Tensor | None) -> float:
+    """0.5 sum_j weights_j E[dx_j^2] (nats): the predicted loss of rounding a linear's input, for
+    `weights` from act_weights and `err` the input's mean squared rounding error per channel
+    (calibrate.act_rounding_stats; None for a float vec-dot type: the reference computes so too).
+    K-FAC's form with the input errors independent across channels and of the gradient."""
+    return 0.0 if err is None else 0.5 * float((weights * err.double()).sum())
 
 
 def imatrix_dense(gx: torch.Tensor) -> np.ndarray:
@@ -90,14 +137,17 @@ def _distinct_types(rows: int, cols: int, types) -> list[tuple[str, int, object]
     return out
 
 
-def price_dense(w: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor, types=DENSE_TYPES, lib=None) -> list[Option]:
+def price_dense(w: torch.Tensor, gx: torch.Tensor, gg: torch.Tensor, types=DENSE_TYPES, lib=None,
+                im_gram: torch.Tensor | None = None) -> list[Option]:
     """The dense options of one linear: per type, bytes and the predicted loss of its rounding.
 
-    w (m, n); gx (n, n), gg (m, m) its K-FAC Grams. Types that fall back to the same written
-    type are one option (the first name asked keeps it)."""
+    w (m, n); gx (n, n), gg (m, m) the Grams of the cost (gx: plain or token-weighted input Gram);
+    im_gram (n, n): the input Gram whose diagonal is the quantizer's imatrix, as llama-imatrix
+    computes it (default gx). Types that fall back to the same written type are one option (the
+    first name asked keeps it)."""
     m, n = w.shape
     w32, gx32, gg32 = w.float(), gx.float(), gg.float()
-    im = imatrix_dense(gx)
+    im = imatrix_dense(gx if im_gram is None else im_gram)
     out = []
     for t, nbytes, tt in _distinct_types(m, n, types):
         _, deq, _ = quantized(w32, tt, im, lib)
@@ -115,12 +165,14 @@ def exact_ranks(ranks: list[int], k: int = EXACT_RANKS) -> list[int]:
 
 def price_factored(w: torch.Tensor, f: Factorization, ranks: list[int], gx: torch.Tensor, gg: torch.Tensor,
                    trunc: np.ndarray, types=FACTOR_TYPES, split: str = "uv", latent: bool = False,
-                   lib=None, k_exact: int = EXACT_RANKS) -> list[Option]:
+                   lib=None, k_exact: int = EXACT_RANKS, im_gram: torch.Tensor | None = None) -> list[Option]:
     """The factored options of one linear: every rank of `ranks` at every type of `types`.
 
     w (m, n) the original weight; f its factorization (ranks up to f's kept rank); gx (n, n),
-    gg (m, m) its K-FAC Grams; trunc (p + 1,) the predicted loss of truncation alone per rank
-    (the analysis' `fisher` curve). Per type, the ranks are grouped by the types their factors
+    gg (m, m) the Grams of the cost (as price_dense; im_gram the imatrix's, default gx); trunc
+    (p + 1,) the predicted loss of truncation alone per rank (the analysis' `fisher` curve, plain
+    K-FAC: with a token-weighted gx the exact ranks carry the difference and the ranks between
+    them interpolate it). Per type, the ranks are grouped by the types their factors
     are written at (a rank whose A keeps a 256-block type, r = 256 or 512, while its neighbours
     fall back is a group of its own); in each group exact_ranks(group, k_exact) are priced by
     the quadratic form of A_q B_q - W and the others interpolated (module docstring). A group
@@ -134,13 +186,14 @@ def price_factored(w: torch.Tensor, f: Factorization, ranks: list[int], gx: torc
     w32, gx32, gg32 = w.float(), gx.float(), gg.float()
     ggw, wgx = gg32 @ w32, w32 @ gx32
     ranks = sorted(ranks)
-    im_b = imatrix_dense(gx)
+    im32 = gx32 if im_gram is None else im_gram.float()
+    im_b = imatrix_dense(im32)
     factors: dict[int, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}
 
     def exact(r: int, tts: tuple[str, str]) -> float:
         if r not in factors:
             a, b = (x.float() for x in f.factors(r, split))
-            factors[r] = (a, b, imatrix_factor_a(b, gx32))
+            factors[r] = (a, b, imatrix_factor_a(b, im32))
         a, b, im_a = factors[r]
         _, qa, _ = quantized(a, tts[0], im_a, lib)
         _, qb, _ = quantized(b, tts[1], im_b, lib)
@@ -167,12 +220,11 @@ def price_factored(w: torch.Tensor, f: Factorization, ranks: list[int], gx: torc
     return sorted(out, key=lambda o: (FACTOR_ORDER.get(o.qtype, 99), o.rank))
 
 
-def price_embedding(e: torch.Tensor, types=EMBD_TYPES, head: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    inp: tuple[torch.Tensor, torch.Tensor] | None = None, lib=None,
-                    imatrix: np.ndarray | None = None) -> list[Option]:
-    """Options of the token embedding or output head E (V, d): per type, bytes and predicted loss.
+def embedding_cost(de: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   inp: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    """Predicted loss increase (nats) of an error dE (V, d) of the token embedding or output head,
+    in the K-FAC form of each role the matrix plays:
 
-    The rounding error dE is priced in the K-FAC form of each role the matrix plays:
     * head (`head` = (Gh (d, d), gdiag (V,))): logits = E h with h the final normed hidden state.
       Input Gram Gh = E[h h^T]; the output-gradient Gram E[g g^T] over the V logits (g = softmax
       - one-hot) is taken diagonal, gdiag_v = E[g_v^2]: a V x V Gram is too large, and its
@@ -183,21 +235,44 @@ def price_embedding(e: torch.Tensor, types=EMBD_TYPES, head: tuple[torch.Tensor,
       gradient Gram Ge = E[g g^T] of the gradient at the embedding output is taken token-
       independent (K-FAC's independence assumption). Cost 0.5 sum_v freq_v dE_v^T Ge dE_v.
     A tied matrix (SmolLM2, Gemma 3) plays both roles: the costs add (their cross term is dropped).
-    `imatrix` (d,): the quantizer's column weights (llama.cpp: diag(Gh) for a head; none for an
-    untied token_embd, which llama-imatrix never sees).
     """
+    cost = 0.0
+    if head is not None:
+        gh, gdiag = head
+        cost += 0.5 * float((((de @ gh.float()) * de).sum(1).double() * gdiag.double()).sum())
+    if inp is not None:
+        freq, ge = inp
+        cost += 0.5 * float((((de @ ge.float()) * de).sum(1).double() * freq.double()).sum())
+    return cost
+
+
+def price_embedding(e: torch.Tensor, types=EMBD_TYPES, head: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    inp: tuple[torch.Tensor, torch.Tensor] | None = None, lib=None,
+                    imatrix: np.ndarray | None = None) -> list[Option]:
+    """Options of the token embedding or output head E (V, d): per type, bytes and the predicted
+    loss of its rounding (embedding_cost, for the roles given by `head` / `inp`). `imatrix` (d,):
+    the quantizer's column weights (llama.cpp: diag(Gh) for a head; none for an untied
+    token_embd, which llama-imatrix never sees)."""
     v, d = e.shape
     e32 = e.float()
     out = []
     for t, nbytes, tt in _distinct_types(v, d, types):
         _, deq, _ = quantized(e32, tt, imatrix, lib)
-        de = deq - e32
-        cost = 0.0
-        if head is not None:
-            gh, gdiag = head
-            cost += 0.5 * float((((de @ gh.float()) * de).sum(1).double() * gdiag.double()).sum())
-        if inp is not None:
-            freq, ge = inp
-            cost += 0.5 * float((((de @ ge.float()) * de).sum(1).double() * freq.double()).sum())
-        out.append(Option(0, t, (tt,), nbytes, cost))
+        out.append(Option(0, t, (tt,), nbytes, embedding_cost(deq - e32, head, inp)))
     return out
+
+
+def with_source(options: list[Option], kept: Option) -> list[Option]:
+    """`options` plus `kept` (a source_option), less the dense options it dominates: those at the
+    same written type (the same bytes) predicted no better. A tie goes to the source's blocks
+    (a requantization that reproduces them exactly is the same tensor, one that does not is worse)."""
+    return [o for o in options if o.rank or o.types != kept.types or o.cost < kept.cost] + [kept]
+
+
+def source_option(written: str, nbytes: int, cost: float) -> Option:
+    """The option of keeping a tensor in its source GGUF's own blocks (quantize.SourceBlocks):
+    dense, written at the source's type `written` in `nbytes`, with the predicted loss `cost` of
+    its difference from the model the prices are measured on (0 up to the dequantizers' float
+    rounding: that model is the source dequantized). It competes with requantizing the same
+    tensor, which the importance matrix makes lossy even at the source's own type."""
+    return Option(0, SOURCE, (written,), nbytes, cost)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import Fallback, UserError
 from .ggml_quants import QUANTIZERS, Quantized, dequantize_torch
+from .pricing import SOURCE
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 QUANT_MODES = ("none", *QUANTIZERS)
@@ -133,6 +135,44 @@ class NonBlockEncoder:
 # input factor B, diag(B Gx B^T) for the output factor A (its input is B x).
 
 
+class SourceBlocks:
+    """The quantized 2-D tensors of a GGUF source, as the file stores them.
+
+    A size plan may keep a tensor in its source's blocks (an Option of qtype SOURCE, priced by
+    pricing.source_option): lossless against the dequantized model every price is measured on,
+    where quantizing it again, even to the same type, is not (the importance matrix moves the
+    scales: llama-quantize's Q4_K_M of a Q4_K_M Gemma 3 has KLD 0.005 against its source).
+    Only types a plan could ask for (ggml_lib.TYPES) are offered, so the type keys stay short.
+    `get` gives block linears in Hugging Face row order (the writer permutes q/k back for archs
+    with permute_qk) and token_embd / output in GGUF order, as the writer takes each.
+    """
+
+    def __init__(self, path: Path | None, arch: str, n_head: int, n_head_kv: int):
+        from . import ggml_lib as G
+        from .gguf_fast import FastGGUFReader
+
+        self.tensors = {}
+        if path is not None:
+            floats = {G.T.F32, G.T.F16, G.T.BF16}
+            self.tensors = {t.name.removesuffix(".weight"): t for t in FastGGUFReader(path).tensors
+                            if len(t.shape) == 2 and t.tensor_type not in floats and int(t.tensor_type) in G.NAMES}
+        self.arch, self.n_head, self.n_head_kv = arch, n_head, n_head_kv
+
+    def get(self, name: str, shape: tuple[int, int]) -> Quantized | None:
+        """The source's blocks of tensor `name` ("blk.3.attn_q", "token_embd"), or None when the
+        source has no quantized tensor of that name and `shape` (rows, row length)."""
+        from .arch import arch_spec, permuted_heads, unpermute_rows_for_llama
+
+        t = self.tensors.get(name)
+        if t is None or tuple(int(d) for d in reversed(t.shape)) != tuple(shape):
+            return None
+        data = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(shape[0], -1))
+        heads = permuted_heads(name.split(".")[-1], self.n_head, self.n_head_kv) if name.startswith("blk.") else None
+        if heads is not None and arch_spec(self.arch).permute_qk:
+            data = unpermute_rows_for_llama(data, heads).contiguous()
+        return Quantized(t.tensor_type, data, tuple(shape))
+
+
 def _ggml_quantized(t: torch.Tensor, qtype: str, imatrix, lib) -> tuple[Quantized, torch.Tensor]:
     """(t (rows, n) at written type `qtype` as raw blocks, its dequantized float32 copy)."""
     from . import ggml_lib as G
@@ -143,12 +183,31 @@ def _ggml_quantized(t: torch.Tensor, qtype: str, imatrix, lib) -> tuple[Quantize
     return Quantized(G.type_of(qtype), torch.from_numpy(data), tuple(x.shape)), deq
 
 
-def quantize_sized(blocks: list, plan, grams: list[dict[str, torch.Tensor]], lib=None, progress=None):
+def ggml_dequantized(q: Quantized, lib) -> torch.Tensor:
+    """Float32 (rows, n) of blocks of any ggml type, by ggml's own to_float (ggml_lib.dequantize)."""
+    from . import ggml_lib as G
+
+    return torch.from_numpy(G.dequantize(q.data.numpy(), q.qtype, q.shape[1], lib))
+
+
+def source_quantized(sources: SourceBlocks | None, name: str, shape: tuple[int, int],
+                     lib) -> tuple[Quantized, torch.Tensor]:
+    """(the source's blocks of `name`, dequantized float32 (rows, n)) for an Option of qtype SOURCE.
+    Raises RuntimeError when the source has no such tensor (the plan offered what is not there)."""
+    q = sources.get(name, shape) if sources is not None else None
+    if q is None:
+        raise RuntimeError(f"{name}: planned as kept from the source, which has no quantized tensor {shape}")
+    return q, ggml_dequantized(q, lib)
+
+
+def quantize_sized(blocks: list, plan, grams: list[dict[str, torch.Tensor]], lib=None, progress=None,
+                   sources: SourceBlocks | None = None):
     """Quantize every block linear at its size-plan type: (blocks for writing, blocks as decoded).
 
     blocks: factor.final_blocks' float tensors; plan: a ranks.RankPlan with choices (the written
     types of each Option are used, so a fallback's new choice is honoured); grams: per layer the
-    input Gram X^T X / T per input group (calibrate.LayerStats.gram), for the imatrix.
+    input Gram X^T X / T per input group (calibrate.LayerStats.gram), for the imatrix; sources:
+    the source's blocks, for the linears planned as kept (qtype SOURCE).
     """
     from .arch import SPEC
     from .pricing import imatrix_dense, imatrix_factor_a
@@ -163,7 +222,10 @@ def quantize_sized(blocks: list, plan, grams: list[dict[str, torch.Tensor]], lib
             opt = plan.choices[(i, key)]
             gx = grams[i][SPEC[key].group].float()
             if bt.weight is not None:
-                w, dw = _ggml_quantized(bt.weight, opt.types[0], imatrix_dense(gx), lib)
+                if opt.qtype == SOURCE:
+                    w, dw = source_quantized(sources, f"blk.{i}.{bt.key}", tuple(bt.weight.shape), lib)
+                else:
+                    w, dw = _ggml_quantized(bt.weight, opt.types[0], imatrix_dense(gx), lib)
                 wrow.append(replace(bt, weight=w))
                 drow.append(replace(bt, weight=dw))
             else:
@@ -183,10 +245,12 @@ class SizedNonBlock:
     (llama.cpp's quantizers; imatrix: the head's input statistic diag(Gh) for a matrix used as the
     output head, none for an untied token_embd, as llama-quantize has none for it)."""
 
-    def __init__(self, plan, head_imatrix, tied: bool, lib=None):
-        self.plan, self.head_imatrix, self.tied, self.lib = plan, head_imatrix, tied, lib
+    def __init__(self, plan, head_imatrix, tied: bool, lib=None, sources: SourceBlocks | None = None):
+        self.plan, self.head_imatrix, self.tied, self.lib, self.sources = plan, head_imatrix, tied, lib, sources
 
     def _quantized(self, base: str, t: torch.Tensor) -> tuple[Quantized, torch.Tensor]:
+        if self.plan.choices[base].qtype == SOURCE:
+            return source_quantized(self.sources, base, tuple(t.shape), self.lib)
         im = self.head_imatrix if (base == "output" or self.tied) else None
         return _ggml_quantized(t, self.plan.choices[base].types[0], im, self.lib)
 

@@ -345,7 +345,7 @@ def _uniform(t: str, keys: list, opts: list[list[Option]], shapes: Mapping, late
                 idx = bigger[:1] or [dense[-1][1]]
         if not idx:
             return None
-        out.append(idx[0])
+        out.append(min(idx, key=lambda i: os_[i].cost))  # e.g. the source's own blocks beside requantizing
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import cache
 from .arch import arch_spec, gguf_arch
 from .atomic import atomic_dir, write_atomic
-from .errors import UserError
+from .errors import UserError, require_file
 from .gguf_fast import FastGGUFReader
 from .hparams import check_config, config_from_gguf
 from .placement import Placement, check_map_covers, load_kwargs, offload_folder, remove_offload
@@ -197,8 +197,7 @@ def load_source(spec: str, cache_dir: Path, placement: Placement | None = None) 
     else:
         p = Path(spec).expanduser()
         if p.suffix == ".gguf":
-            if not p.is_file():
-                raise UserError(f"model file not found: {p}")
+            require_file(p, "model file")
             gguf_path = p.resolve()
         elif p.is_dir():
             if not (p / "config.json").is_file():

@@ -87,9 +87,15 @@ def calibration_windows(tokenizer, spec: str, n_samples: int, seqlen: int, seed:
     return windows
 
 
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts BOS in front of an encoding (llama.cpp's add_bos_token): then
-    llama.cpp starts every context, perplexity chunk and imatrix chunk with it."""
+def adds_bos(tokenizer, gguf_file: Path | None = None) -> bool:
+    """Whether the vocabulary puts BOS in front of an encoding (llama.cpp's add_bos_token): then
+    llama.cpp starts every context, perplexity chunk and imatrix chunk with it. With `gguf_file`,
+    its tokenizer.ggml.add_bos_token decides (what llama.cpp reads; absent: False); else whether
+    `tokenizer` adds it. The one home of this decision (calibration, ppl --llama-compat, eval --chat)."""
+    if gguf_file is not None:
+        from .gguf_read import field_value, open_gguf
+
+        return bool(field_value(open_gguf(gguf_file), "tokenizer.ggml.add_bos_token", False))
     bos = tokenizer.bos_token_id
     if bos is None:
         return False

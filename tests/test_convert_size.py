@@ -29,6 +29,8 @@ def f16_size(tiny_models, calib_text, cache_dir, module_tmp, bins):
     out = module_tmp("size") / "big.gguf"
     res = convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size="1G"))
     assert all(o.qtype == "f16" and o.rank == 0 for o in res.plan.choices.values())
+    # a budget far above what helps is said so (a new user's finding: it was silent)
+    assert any("--size 1G is more than this model can use" in w for w in res.warnings), res.warnings
     return res.plan.nbytes
 
 
@@ -180,3 +182,32 @@ def test_inspect_shows_the_plan(f16_size, tiny_models, calib_text, cache_dir, tm
         opt = res.plan.choices[key]
         assert (row.rank, row.types, row.nbytes, row.asked) == (opt.rank, opt.types, opt.nbytes, opt.qtype)
         assert row.loss == pytest.approx(opt.cost, rel=1e-6, abs=1e-30)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_quantized_source_keeps_its_own_blocks(arch, tiny_models, calib_text, cache_dir, tmp_path, tokenizer_dir):
+    """A GGUF source that is already quantized: its tensors can be kept in their own blocks (byte for
+    byte, q/k rows of llama included); at the source's own size the plan keeps some and spends the
+    rest on other types, within the budget. With room for F16 it takes F16, which the runtime
+    multiplies without rounding its input (the source's types round it to 8 bits)."""
+    from conftest import make_tiny
+
+    from asvd2gguf.pricing import SOURCE
+
+    model = tiny_models.get(arch) or make_tiny(arch, tmp_path / arch, tokenizer_dir)
+    first = convert(_cfg(model, tmp_path / "src.gguf", calib_text, cache_dir, bpw=5.0, types_only=True))
+    assert {o.types[0] for o in first.plan.choices.values()} - {"f16"}  # the source holds quantized tensors
+    src_bytes = (tmp_path / "src.gguf").stat().st_size
+    res = convert(_cfg(tmp_path / "src.gguf", tmp_path / "kept.gguf", calib_text, cache_dir, size=str(src_bytes),
+                       types_only=True))
+    assert res.plan.nbytes <= src_bytes and (tmp_path / "kept.gguf").stat().st_size <= src_bytes
+    src = {t.name: t for t in gguf.GGUFReader(tmp_path / "src.gguf").tensors}
+    out = {t.name: t for t in gguf.GGUFReader(tmp_path / "kept.gguf").tensors}
+    kept = [f"{k}.weight" if isinstance(k, str) else f"blk.{k[0]}.{k[1]}.weight"
+            for k, o in res.plan.choices.items() if o.qtype == SOURCE]
+    assert kept and len(kept) < len(res.plan.choices), [o.qtype for o in res.plan.choices.values()]
+    for name in kept:
+        assert out[name].tensor_type == src[name].tensor_type
+        assert np.array_equal(np.asarray(out[name].data), np.asarray(src[name].data)), name
+    big = convert(_cfg(tmp_path / "src.gguf", tmp_path / "big.gguf", calib_text, cache_dir, size="1G"))
+    assert all(o.types == ("f16",) for o in big.plan.choices.values())

@@ -278,3 +278,17 @@ def test_error_is_exactly_one_line_on_stderr(args):
     res = subprocess.run([sys.executable, "-m", "asvd2gguf.cli", *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, repr(res.stderr)
+
+
+@pytest.mark.parametrize("cmd", [["inspect", "{d}"], ["convert", "{d}"], ["ppl", "{d}", "--text", "{t}"],
+                                 ["eval", "{d}", "--text", "{t}"], ["eval", "{t}", "--text", "{d}"],
+                                 ["eval", "{t}", "--text", "{t}", "--base", "{d}"]])
+def test_a_folder_given_as_a_file_is_named_so(cmd, tmp_path, capsys):
+    """Every input file of every command: a folder (here one named like a GGUF) is said to be one,
+    not "not found" (a new user's finding on `inspect DIR`)."""
+    d = tmp_path / "model.gguf"
+    d.mkdir()
+    t = tmp_path / "t.gguf"
+    t.write_bytes(b"x")
+    code, _, err = run_cli([a.format(d=d, t=t) for a in cmd], capsys)
+    _assert_one_line_error(code, err, "is a directory")

@@ -403,3 +403,50 @@ def test_gemma3_270m_latent_context_shift_and_session(gemma3_270m_exact_latent, 
     first = complete(model, *short)
     second = complete(model, *short)
     assert "loaded a session" in second.stderr and second.stdout == first.stdout
+
+
+def test_token_weighted_grams_equal_autograd(gemma3_dir):
+    """calibrate.token_weighted_grams (block by block, micro-batched) against the whole model's
+    autograd: sum_t |g_t|^2 x_t x_t^T / sum_t |g_t|^2 for a post-norm linear (o_proj, down_proj)
+    and a plain one (q_proj), g the output gradient of the summed next-token loss."""
+    import torch.nn.functional as F
+
+    from asvd2gguf.calibrate import token_weighted_grams
+
+    model = _hf_model(gemma3_dir)
+    runner = BlockRunner(model, torch.device("cpu"), micro_batch=1)
+    got = token_weighted_grams(runner, X)
+    layer = 1
+    want = {}
+    linears = (("attn_output", "self_attn.o_proj"), ("ffn_down", "mlp.down_proj"), ("attn_q", "self_attn.q_proj"))
+    for key, path in linears:
+        lin = model.model.layers[layer].get_submodule(path)
+        seen = {}
+
+        def hook(_m, args, out, seen=seen):
+            seen["x"] = args[0].detach()
+            out.register_hook(lambda g: seen.__setitem__("g", g.detach()))
+
+        h = lin.register_forward_hook(hook)
+        with torch.enable_grad():
+            logits = model(input_ids=X).logits.float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), X[:, 1:].flatten(), reduction="sum")
+            loss.backward()
+        h.remove()
+        model.zero_grad(set_to_none=True)
+        x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+        wt = (seen["g"].reshape(x.shape[0], -1).double() ** 2).sum(1)
+        want[key] = (x * wt[:, None]).T @ x / wt.sum()
+        assert torch.allclose(got[layer][key].double(), want[key], rtol=1e-3, atol=1e-6 * float(want[key].abs().max()))
+    plain = _plain_gram(model, layer)  # the weighting moves the Gram: it is not X^T X / T up to a scale
+    assert not torch.allclose(want["ffn_down"] / torch.trace(want["ffn_down"]), plain / torch.trace(plain), rtol=0.05)
+
+
+def _plain_gram(model, layer):
+    seen = {}
+    h = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(input_ids=X)
+    h.remove()
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    return x.T @ x / x.shape[0]

@@ -92,3 +92,34 @@ def test_errors(lib):
     with pytest.raises(ValueError, match="whole rows"):
         G.dequantize(np.zeros(33, np.uint8), "q8_0", 32, lib)
     assert not G.requires_imatrix("q2_k", lib)
+
+
+def test_vec_dot_types_are_the_cpu_backend_s(bins):
+    """What the CPU backend converts a matmul's input to, by weight type (ggml-cpu.c's traits)."""
+    cpu = G.load_cpu(bins)
+    want = {"f16": T.F16, "q8_0": T.Q8_0, "q5_0": T.Q8_0, "q4_0": T.Q8_0, "iq4_nl": T.Q8_0, "q4_1": T.Q8_1,
+            "q5_1": T.Q8_1, "q6_k": T.Q8_K, "q5_k": T.Q8_K, "q4_k": T.Q8_K, "q3_k": T.Q8_K, "q2_k": T.Q8_K,
+            "iq4_xs": T.Q8_K}
+    assert {t: G.vec_dot_type(t, cpu) for t in want} == want
+
+
+@pytest.mark.parametrize("vt,blk", [(T.Q8_0, 32), (T.Q8_1, 32), (T.Q8_K, 256)])
+def test_activation_rounding_is_8_bit_per_block(bins, vt, blk):
+    """as_vec_dot: every value within half a step of its block's scale (amax / 127), the scale of
+    one block set by its own largest value only (an outlier spoils its block, not the others)."""
+    cpu = G.load_cpu(bins)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    x[1, 7] = 50.0  # an outlier in the first block of row 1
+    y = G.as_vec_dot(x, vt, cpu)
+    blocks_x, blocks_y = x.reshape(-1, blk), y.reshape(-1, blk)
+    step = np.abs(blocks_x).max(1, keepdims=True) / 127
+    # half a step; Q8_0/Q8_1 dequantize with the fp16 rounding of the scale: up to 127 * 2^-11 steps more
+    assert np.all(np.abs(blocks_y - blocks_x) <= step * (0.5 if vt == T.Q8_K else 0.57) + 1e-7)
+    err = ((blocks_y - blocks_x) ** 2).mean(1)
+    spoiled = 512 // blk  # the block index of x[1, 7]
+    assert err[spoiled] > 20 * np.median(err)
+    assert np.allclose(err[:spoiled], err[:spoiled].mean(), rtol=2) and err[spoiled + 1:].max() < 10 * np.median(err)
+    assert np.array_equal(G.as_vec_dot(x, T.F16, cpu), x.astype(np.float16).astype(np.float32))
+    with pytest.raises(ValueError, match="not a multiple"):
+        G.as_vec_dot(x[:, :100], vt, cpu)

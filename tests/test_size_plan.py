@@ -150,3 +150,31 @@ def test_latent_kv_leaves_the_rest_at_their_best_when_bytes_allow():
     for (i, key), opt in ((k, o) for k, o in plan.choices.items() if not isinstance(k, str)):
         if key not in ("attn_k", "attn_v"):
             assert (opt.rank, opt.qtype) == (0, "f16"), (i, key, opt)
+
+
+def test_source_option_replaces_the_requantization_it_dominates():
+    from asvd2gguf.pricing import SOURCE, source_option, with_source
+    from asvd2gguf.ranks import Option
+
+    opts = [Option(0, "q4_k", ("q4_k",), 100, 0.5), Option(0, "q8_0", ("q8_0",), 200, 0.1),
+            Option(32, "q4_k", ("q4_k", "q4_k"), 50, 0.9)]
+    kept = source_option("q4_k", 100, 0.0)
+    out = with_source(opts, kept)
+    assert [(o.qtype, o.types) for o in out] == [("q8_0", ("q8_0",)), ("q4_k", ("q4_k", "q4_k")), (SOURCE, ("q4_k",))]
+    # a requantization predicted better than the source's blocks stays beside them
+    assert len(with_source(opts, source_option("q4_k", 100, 0.6))) == 4
+
+
+def test_token_weighting_and_activation_cost():
+    import torch
+
+    from asvd2gguf.pricing import act_cost, act_weights, token_weighting
+
+    w = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    gg = torch.eye(2) * 2
+    wt = act_weights(w, gg)  # diag(W^T Gg W) = 2 * column norms^2
+    assert torch.allclose(wt, torch.tensor([2.0, 10.0], dtype=torch.float64))
+    assert act_cost(wt, torch.tensor([0.1, 0.01])) == pytest.approx(0.5 * (0.2 + 0.1))
+    assert act_cost(wt, None) == 0.0
+    gx, gxw = torch.diag(torch.tensor([4.0, 0.0])), torch.diag(torch.tensor([1.0, 0.0]))
+    assert token_weighting(gxw, gx).tolist() == [0.25, 1.0]
