@@ -134,30 +134,29 @@ def _cpu_at(path: str) -> ctypes.CDLL:
     return lib
 
 
-def load_cpu(bin_dir: Path | None = None) -> ctypes.CDLL:
-    """libggml-cpu of the patched llama.cpp in `bin_dir` (default: llamacpp.build()): the CPU
-    backend's own type traits. Raises UserError when the library is missing there."""
+def _built(name: str, bin_dir: Path | None) -> str:
+    """Path of library `name` in `bin_dir` (default: llamacpp.build(), which finds the cached build
+    or builds it). Raises UserError when it is missing there."""
     if bin_dir is None:
         from . import llamacpp
 
         bin_dir = llamacpp.build()
-    path = Path(bin_dir) / "libggml-cpu.so"
+    path = Path(bin_dir) / name
     if not path.is_file():
         raise UserError(f"{path} not found: build llama.cpp first (asvd2gguf build-llama)")
-    return _cpu_at(str(path))
+    return str(path)
+
+
+def load_cpu(bin_dir: Path | None = None) -> ctypes.CDLL:
+    """libggml-cpu of the patched llama.cpp in `bin_dir` (default: the current build): the CPU
+    backend's own type traits. Raises UserError when the library is missing there."""
+    return _cpu_at(_built("libggml-cpu.so", bin_dir))
 
 
 def load(bin_dir: Path | None = None) -> ctypes.CDLL:
-    """libggml-base of the patched llama.cpp in `bin_dir` (default: llamacpp.build(), which finds
-    the cached build or builds it). Raises UserError when the library is missing there."""
-    if bin_dir is None:
-        from . import llamacpp
-
-        bin_dir = llamacpp.build()
-    path = Path(bin_dir) / "libggml-base.so"
-    if not path.is_file():
-        raise UserError(f"{path} not found: build llama.cpp first (asvd2gguf build-llama)")
-    return _lib_at(str(path))
+    """libggml-base of the patched llama.cpp in `bin_dir` (default: the current build). Raises
+    UserError when the library is missing there."""
+    return _lib_at(_built("libggml-base.so", bin_dir))
 
 
 def row_size(t: T | int | str, n_per_row: int, lib: ctypes.CDLL | None = None) -> int:
