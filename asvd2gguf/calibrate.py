@@ -88,6 +88,18 @@ class _Acc:
         self.count += x.shape[0]
 
 
+def _run_block_observed(runner: BlockRunner, i: int, hidden: torch.Tensor, accs: dict) -> torch.Tensor:
+    """Block i's output, with each input group's input passed to accs[group].add on the way."""
+    layer = runner.layers[i]
+    handles = [get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
+               for g, spec in GROUP_HEAD.items()]
+    try:
+        return runner.run_block(i, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, progress=None) -> Calibration:
     """Statistics of `tokens` (n_windows, seqlen) int64: one forward pass block by block (per input
     group mean/max |x| and X^T X / T, accumulated in float64), and with `fisher` a block-wise
@@ -98,17 +110,9 @@ def collect(runner: BlockRunner, tokens: torch.Tensor, fisher: bool = True, prog
     stats: list[LayerStats] = []
     n_layer = len(runner.layers)
     task = progress.add_task("calibrating", total=n_layer * (2 if fisher else 1)) if progress else None
-    for i, layer in enumerate(runner.layers):
+    for i in range(n_layer):
         accs = {g: _Acc(runner.block_device(i)) for g in GROUP_HEAD}
-        handles = [
-            get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
-            for g, spec in GROUP_HEAD.items()
-        ]
-        try:
-            hidden.append(runner.run_block(i, hidden[-1]))
-        finally:
-            for h in handles:
-                h.remove()
+        hidden.append(_run_block_observed(runner, i, hidden[-1], accs))
         layer_stats = LayerStats()
         for group, acc in accs.items():
             layer_stats.abs_mean[group] = (acc.sum_abs / acc.count).float().cpu()
@@ -143,7 +147,7 @@ def _fisher_backward(runner: BlockRunner, tokens, hidden, stats, progress, task,
     for i in reversed(range(len(runner.layers))):
         layer = runner.layers[i]
         acc: dict[str, torch.Tensor] = {}
-        wacc: dict[str, list] = {}
+        wacc: dict[str, tuple] = {}
 
         def out_hook(key):
             def fwd(_m, args, out):
@@ -370,15 +374,9 @@ def act_rounding_stats(runner: BlockRunner, tokens: torch.Tensor, vec_dot_types,
     hidden = runner.embed(tokens)
     layers = []
     task = progress.add_task("activation rounding", total=len(runner.layers)) if progress else None
-    for i, layer in enumerate(runner.layers):
+    for i in range(len(runner.layers)):
         accs = {g: _ActAcc(vec_dot_types, cpu) for g in GROUP_HEAD}
-        handles = [get_module(layer, spec.module).register_forward_pre_hook(lambda m, args, g=g: accs[g].add(args[0]))
-                   for g, spec in GROUP_HEAD.items()]
-        try:
-            hidden = runner.run_block(i, hidden)
-        finally:
-            for h in handles:
-                h.remove()
+        hidden = _run_block_observed(runner, i, hidden, accs)
         layers.append({g: acc.means() for g, acc in accs.items()})
         if progress:
             progress.advance(task)

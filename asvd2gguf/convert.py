@@ -467,8 +467,7 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
                                                  "v2") / "embd.pt"
     # each matrix's roles (embedding_cost): a tied token_embd is also the head; an untied one only an input
     hs, inp = (est["gh"], est["gdiag"]), (est["freq"], est["ge"])
-    roles = {"token_embd": (emb, hs if tied else None, inp)} if tied else {"token_embd": (emb, None, inp),
-                                                                             "output": (head, hs, None)}
+    roles = {"token_embd": (emb, hs, inp)} if tied else {"token_embd": (emb, None, inp), "output": (head, hs, None)}
     hit = cache.load(path)
     if hit is None:
         hit = {name: [o.to_dict() for o in P.price_embedding(mat.detach().float(), head=h, inp=x, lib=lib,
@@ -544,8 +543,7 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     stages.done(f"size plan: {format_bytes(plan.nbytes)} planned for {format_bytes(max_bytes)}, "
                 f"{sum(1 for r in plan.ranks.values() if r)} of {len(plan.ranks)} linears factored, "
                 f"predicted loss increase {plan.predicted_loss:.4f} nats")
-    best = all(o.cost <= min(x.cost for x in options[k]) for k, o in plan.choices.items())
-    if best and plan.nbytes < 0.99 * max_bytes:
+    if plan.saturated and plan.nbytes < 0.99 * max_bytes:
         warnings.append(f"{what} is more than this model can use: every tensor is at its lowest-loss option "
                         f"in {format_bytes(plan.nbytes)}")
 

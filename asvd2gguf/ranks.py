@@ -184,6 +184,7 @@ class RankPlan:
     choices: Mapping[Linear | str, Option] = field(default_factory=dict)
     fixed_bytes: int = 0
     budget_bytes: int = 0  # the byte budget of the whole file the plan was made for
+    saturated: bool = False  # every tensor at the lowest-loss option it was offered: more bytes buy nothing
     n_layer: int = field(init=False)
 
     def __post_init__(self):
@@ -401,8 +402,9 @@ def plan_size(infos: list[LinearInfo], options: Mapping[Linear | str, list[Optio
     choices = {key: opts[i] for key, opts, i in zip(keys, kept, alloc.choice)}
     ranks = {key: choices[key].rank for key in lin_keys}
     lin_shapes = {(info.layer, info.key): (info.m, info.n) for info in infos}
+    saturated = all(opts[i].cost <= min(o.cost for o in opts) for opts, i in zip(kept, alloc.choice))
     return RankPlan(ranks, {**lin_shapes, **{k: shapes[k] for k in keys if isinstance(k, str)}}, budget, (),
-                    choices, fixed_bytes, max_bytes)
+                    choices, fixed_bytes, max_bytes, saturated)
 
 
 def format_bytes(n: int) -> str:

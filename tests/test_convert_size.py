@@ -202,7 +202,11 @@ def test_a_quantized_source_keeps_its_own_blocks(arch, tiny_models, calib_text, 
                        types_only=True))
     assert res.plan.nbytes <= src_bytes and (tmp_path / "kept.gguf").stat().st_size <= src_bytes
     src = {t.name: t for t in gguf.GGUFReader(tmp_path / "src.gguf").tensors}
-    out = {t.name: t for t in gguf.GGUFReader(tmp_path / "kept.gguf").tensors}
+    reader = gguf.GGUFReader(tmp_path / "kept.gguf")
+    out = {t.name: t for t in reader.tensors}
+    # the source's own asvd.* keys are not carried over (they described its conversion), nor its suffix
+    assert reader.fields["general.name"].contents().count("(ASVD)") == 1
+    assert int(reader.fields["asvd.size.target"].contents()) == src_bytes
     kept = [f"{k}.weight" if isinstance(k, str) else f"blk.{k[0]}.{k[1]}.weight"
             for k, o in res.plan.choices.items() if o.qtype == SOURCE]
     assert kept and len(kept) < len(res.plan.choices), [o.qtype for o in res.plan.choices.values()]

@@ -97,23 +97,27 @@ def _alone(model: Path, tmp_path: Path, env: dict | None = None, name: str = "al
 
 @pytest.fixture(scope="module")
 def alone(smol_latent, module_tmp) -> list[dict]:
-    return _alone(smol_latent, module_tmp("alone"))
+    return _alone(smol_latent, module_tmp("alone"), top_logprobs=2)  # 2: the near-tie rule reads them
 
 
 @pytest.mark.parametrize("unified", ["-kvu", "-no-kvu"])
 def test_parallel_slots_equal_one_slot(smol_latent, alone, tmp_path, unified):
     """8 requests at once over 4 slots (continuous batching: 4 decode together, the other 4 start
-    as slots free up) give the 1-slot server's answers token for token, with a unified and with
-    a per-slot cache. Exact: ggml's CPU matmuls and the latent attention compute every row and
-    every sequence on its own, so batching with other sequences changes no rounding."""
+    as slots free up) give the 1-slot server's answers, with a unified and with a per-slot cache:
+    token for token up to a near-tie of the 1-slot run (agree_up_to_a_near_tie over the whole
+    answer). Not exact: measured (CI of e0e1aec, after the refit's ridge moved the factors) one
+    answer split at token 36 (' in' / ' that'); a batch of several rows does not round every
+    row as a single row does."""
     with llama_server(smol_latent, (*COMMON, "-np", "4", "-c", "4096", unified),
                       log=tmp_path / "np4.log") as srv:
         par = _answers(srv.url, QUESTIONS, 8, cache_prompt=False)
         assert srv.kv_mib() > 0
     for q, a, b in zip(QUESTIONS, par, alone):
         assert a["choices"][0]["finish_reason"] in ("length", "stop")
-        assert tokens(a) == tokens(b), q
-        assert text(a) == text(b)
+        n = max(len(tokens(a)), len(tokens(b)))
+        assert agree_up_to_a_near_tie(a, b, n), (q, same_prefix(a, b, n))
+        if same_prefix(a, b, n) == n:
+            assert text(a) == text(b)
 
 
 def test_latent_cache_equals_dense_cache(smol_latent, alone, tmp_path):

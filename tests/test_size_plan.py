@@ -178,3 +178,18 @@ def test_token_weighting_and_activation_cost():
     assert act_cost(wt, None) == 0.0
     gx, gxw = torch.diag(torch.tensor([4.0, 0.0])), torch.diag(torch.tensor([1.0, 0.0]))
     assert token_weighting(gxw, gx).tolist() == [0.25, 1.0]
+
+
+def test_saturation_counts_only_the_options_offered():
+    """A plan with room for everything is saturated even where a full-rank pair (never offered
+    without --kv) is priced below the dense F16 weight (a new user's finding on SmolLM2's attn_k:
+    the warning "more than this model can use" did not show); a tight one is not."""
+    infos, options, shapes = synthetic()
+    m, n = shapes[(0, "attn_k")]
+    full = min(m, n)
+    nb, tts = pair_bytes(m, n, full, "f16")
+    f16 = next(o for o in options[(0, "attn_k")] if o.rank == 0 and o.qtype == "f16")
+    options[(0, "attn_k")].append(Option(full, "f16", tts, nb, f16.cost / 2))  # cheaper than dense F16
+    big = plan_size(infos, options, shapes, 10 * _uniform_bytes(options, "f16"), FIXED, None)
+    assert big.saturated and big.choices[(0, "attn_k")].rank == 0
+    assert not plan_size(infos, options, shapes, _uniform_bytes(options, "q4_k"), FIXED, None).saturated
