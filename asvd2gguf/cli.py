@@ -53,12 +53,15 @@ def convert(
                                                "perplexity stays under this value."),
     size: Optional[str] = typer.Option(D.size, help="Instead of --ratio: the whole file's size, e.g. 95M, 1.2G, "
                                        "80MiB (K/M/G: powers of 1000, KiB/MiB/GiB: of 1024). Every tensor then takes "
-                                       "the rank and llama.cpp type (F16 ... Q2_K) that minimise the predicted loss "
-                                       "within it."),
+                                       "the rank and llama.cpp type (F16 ... Q2_K; for a quantized .gguf source also "
+                                       "'source': its own blocks, copied) that minimise the predicted loss within it."),
     bpw: Optional[float] = typer.Option(D.bpw, help="Instead of --size: bits per weight over all of the original "
                                         "model's weights (tensor data, as llama.cpp reports BPW)."),
     types_only: bool = typer.Option(D.types_only, help="With --size/--bpw: no low-rank factors, choose only a type "
                                     "per tensor (pure type allocation)."),
+    runtime: str = typer.Option(D.runtime, help="With --size/--bpw: the llama.cpp backend whose rounding of each "
+                                "matmul's input the plan prices: cpu (8 bits per 32 or, for K-quants, 256 values) "
+                                "or cuda (8 bits per 32 values for every quantized type)."),
     imatrix_out: Optional[Path] = typer.Option(D.imatrix_out, help="Also write the calibration's importance matrix "
                                                "for the written tensors (llama-imatrix's GGUF format), for "
                                                "llama-quantize --imatrix."),
@@ -122,7 +125,7 @@ def convert(
                         sweep_samples=sweep_samples, allocation=allocation, outtype=outtype, quant=quant,
                         quant_dense=quant_dense, quant_embd=quant_embd, sigma_split=sigma_split, dense=dense,
                         device=device, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir,
-                        size=size, bpw=bpw, types_only=types_only, imatrix_out=imatrix_out,
+                        size=size, bpw=bpw, types_only=types_only, runtime=runtime, imatrix_out=imatrix_out,
                         refit_tokens=refit_tokens)
     with progress_bar() as p:
         res = run(cfg, console, p)
@@ -189,6 +192,9 @@ def _show_plan(file: Path, meta: dict) -> None:
     total = sum(r.nbytes for r in rows)
     loss = sum(r.loss for r in rows if not math.isnan(r.loss))
     t.add_row("total", f"{sum(1 for r in rows if r.rank)} factored", "", f"{total / 1024:.1f}", f"{loss:.4f}")
+    if any(r.asked == "source" for r in rows):
+        t.caption = ("source: the source GGUF's own blocks, copied; their loss is what the CPU backend's 8-bit "
+                     "rounding of the tensor's input costs (docs/method.md 4b)")
     out_console.print(t)
     size = file.stat().st_size
     out_console.print(f"file bytes = {size} ({size / 2**20:.2f} MiB); planned = {meta[KEY_SIZE_PLANNED]}; "
@@ -312,7 +318,8 @@ def eval_cmd(
     ctx: int = typer.Option(512),
     chunks: Optional[int] = typer.Option(None),
     base: Optional[str] = typer.Option(None, help="The original: with --text a GGUF whose logits give the KL "
-                                       "divergence; with --chat a GGUF, 'smollm2' or a Hugging Face folder."),
+                                       "divergence, or an embedded name (its shipped GGUF); with --chat a GGUF, "
+                                       "an embedded name or a Hugging Face folder."),
     chat: bool = typer.Option(False, help="Chat evaluation: KLD against --base on held-out conversations "
                               "through the chat template, and the question set's score of FILE (and of --base)."),
     threads: int = typer.Option(2),
@@ -326,10 +333,12 @@ def eval_cmd(
         require_file(p)
     if text is not None:
         from .llamacpp import perplexity
+        from .source import EMBEDDED, embedded_path
 
-        if base:
-            require_file(base)
-        res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=Path(base) if base else None)
+        base_file = None if not base else embedded_path(base, cache_dir) if base in EMBEDDED else Path(base)
+        if base_file is not None:
+            require_file(base_file)
+        res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=base_file)
         for k, v in res.items():
             out_console.print(f"{k} = {v}", highlight=False)
     if chat:

@@ -53,6 +53,7 @@ class ConvertConfig:
     size: str | None = None  # --size: the whole file's byte budget, e.g. "95M", "1.2G", "80MiB" (parse_size)
     bpw: float | None = None  # --bpw: bits per weight over all of the original model's weights
     types_only: bool = False  # with --size / --bpw: every block linear stays dense, only types are chosen
+    runtime: str = "cpu"  # with --size / --bpw: the backend whose input rounding is priced (ggml_lib.RUNTIMES)
     imatrix_out: Path | None = None  # also write the calibration's imatrix (llama-imatrix's GGUF format)
     sigma_split: str = "uv"
     refit_tokens: int = 32768  # --refit-tokens: tokens the factors are refitted on (refit.py); 0: no refit

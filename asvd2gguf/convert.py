@@ -109,7 +109,7 @@ def validate(cfg: ConvertConfig) -> ConvertConfig:
 
 
 def _validate_size(cfg: ConvertConfig) -> None:
-    """The size-plan options (--size, --bpw, --types-only) and what they exclude; UserError naming
+    """The size-plan options (--size, --bpw, --types-only, --runtime) and what they exclude; UserError naming
     the first conflict or bad value."""
     sized = cfg.size is not None or cfg.bpw is not None
     if cfg.size is not None and cfg.bpw is not None:
@@ -123,6 +123,12 @@ def _validate_size(cfg: ConvertConfig) -> None:
         raise UserError(f"--bpw must be in (0, 32] bits per weight, got {cfg.bpw}")
     if cfg.types_only and not sized:
         raise UserError("--types-only chooses types under --size or --bpw; give one of them")
+    from .ggml_lib import RUNTIMES
+
+    if cfg.runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime '{cfg.runtime}'; use {' or '.join(RUNTIMES)}")
+    if cfg.runtime != "cpu" and not sized:
+        raise UserError("--runtime prices a size plan's types; give --size or --bpw")
     if not sized:
         return
     if cfg.types_only and cfg.kv is not None and cfg.kv < 1:
@@ -373,13 +379,25 @@ def _asvd_kv_bytes(cfg: ConvertConfig, calib_desc: str, n_layer: int, latent: bo
     """Upper bound of the asvd.* key-value bytes of a size plan's file: the keys of asvd_metadata and
     size_metadata with the longest type name (6 characters) in every type slot."""
     from .arch import LINEAR_KEYS, SPEC
-    from .gguf_keys import KEY_SIZE_TARGET, kv_bytes, loss_key, type_key
+    from .ggml_lib import RUNTIMES
+    from .gguf_keys import (
+        KEY_SIZE_BPW,
+        KEY_SIZE_LOSS,
+        KEY_SIZE_PLANNED,
+        KEY_SIZE_RUNTIME,
+        KEY_SIZE_TARGET,
+        KEY_SIZE_TYPES_ONLY,
+        kv_bytes,
+        loss_key,
+        type_key,
+    )
 
     refit = f"{calib_desc}, {10**9} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"  # longer than any refit's
     meta = asvd_metadata(cfg, calib_desc, 1.0, 1.0, latent, {k: [0] * n_layer for k in LINEAR_KEYS}, 1.0, refit)
     V = gguf.GGUFValueType
-    size = {KEY_SIZE_TARGET: (0, V.UINT64), "asvd.size.bpw": (0.0, V.FLOAT32), "asvd.size.planned": (0, V.UINT64),
-            "asvd.size.loss_predicted": (0.0, V.FLOAT32), "asvd.size.types_only": (False, V.BOOL)}
+    size = {KEY_SIZE_TARGET: (0, V.UINT64), KEY_SIZE_BPW: (0.0, V.FLOAT32), KEY_SIZE_PLANNED: (0, V.UINT64),
+            KEY_SIZE_LOSS: (0.0, V.FLOAT32), KEY_SIZE_TYPES_ONLY: (False, V.BOOL),
+            KEY_SIZE_RUNTIME: (max(RUNTIMES, key=len), V.STRING)}
     for k in LINEAR_KEYS:
         size[type_key(SPEC[k].gguf)] = (["iq4_xs"] * n_layer, V.ARRAY)
         size[loss_key(SPEC[k].gguf)] = ([0.0] * n_layer, V.ARRAY)
@@ -412,13 +430,14 @@ def _price_options(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
     fact_root = cfg.cache_dir / "pricing" / cache.key(*base, "factored", P.FACTOR_TYPES, P.EXACT_RANKS,
                                                       cfg.rank_align, cfg.sigma_split, "v2")
     cpu = G.load_cpu()
-    vts = {G.vec_dot_type(t, cpu) for t in G.TYPES} - {G.T.F32, G.T.F16, G.T.BF16}
+    # every runtime's input types (one cache entry whichever --runtime prices)
+    vts = {G.input_type(t, r, cpu) for t in G.TYPES for r in G.RUNTIMES} - {G.T.F32, G.T.F16, G.T.BF16}
     act = cached_act_rounding_stats(src, runner, tokens, cfg.cache_dir, vts, progress)
     tw = cached_token_weighted_grams(src, runner, tokens, cfg.cache_dir, progress)
 
     @functools.cache
     def vec_dot(written: str) -> str:
-        return G.name_of(G.vec_dot_type(written, cpu))
+        return G.name_of(G.input_type(written, cfg.runtime, cpu))
 
     options, shapes = {}, {}
     todo = [info for info in infos if any(cache.load(r / f"L{info.layer:03d}.{info.key}.pt") is None
@@ -542,7 +561,7 @@ def _convert_sized(cfg: ConvertConfig, src: Source, runner: BlockRunner, tokens,
                      DENSE_TYPES, what)
     stages.done(f"size plan: {format_bytes(plan.nbytes)} planned for {format_bytes(max_bytes)}, "
                 f"{sum(1 for r in plan.ranks.values() if r)} of {len(plan.ranks)} linears factored, "
-                f"predicted loss increase {plan.predicted_loss:.4f} nats")
+                f"predicted loss increase {plan.predicted_loss:.4f} nats (input rounding of the {cfg.runtime} backend)")
     if plan.saturated and plan.nbytes < 0.99 * max_bytes:
         warnings.append(f"{what} is more than this model can use: every tensor is at its lowest-loss option "
                         f"in {format_bytes(plan.nbytes)}")

@@ -14,6 +14,7 @@ does not divide the row length is replaced by a 32-block type of similar size, o
     quantize(x, t, imatrix) raw blocks (rows, row_size) uint8, multithreaded over rows
     dequantize(data, t, n)  float32 (rows, n)
     vec_dot_type(t)         the type the CPU backend converts a matmul's input to for weight type t
+    input_type(t, runtime)  the same for the CPU or the CUDA backend
     as_vec_dot(x, t)        activations x as that conversion leaves them (its rounding error)
 
 Shapes are ggml's row view: a weight (n_out, n_in) has n_out rows of n_in values (ne0 = n_in).
@@ -264,6 +265,25 @@ def vec_dot_type(t: T | int | str, cpu: ctypes.CDLL | None = None) -> T:
     Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, F16 for F16). ggml-cpu.c of the pinned tree."""
     cpu = cpu or load_cpu()
     return T(cpu.ggml_get_type_traits_cpu(int(type_of(t))).contents.vec_dot_type)
+
+
+# backends a size plan can price the input rounding of (input_type)
+RUNTIMES = ("cpu", "cuda")
+
+
+def input_type(t: T | int | str, runtime: str = "cpu", cpu: ctypes.CDLL | None = None) -> T:
+    """The type `runtime`'s matmul rounds its input to for a weight of type `t` (as_vec_dot gives
+    that rounding). cpu: the type traits' vec_dot_type (vec_dot_type). cuda: the pinned tree's
+    MMQ and MMVQ kernels (ggml-cuda/mmq.cu, quantize.cu) read the input of every quantized type
+    as int8 with one scale per 32 values, amax / 127 and round-to-nearest: Q8_0's values (Q2_K's
+    MMQ layout shares a scale over 64, which Q8_0 underestimates slightly); a float weight keeps
+    its own type (cuBLAS in F16). ValueError for another runtime."""
+    if runtime == "cpu":
+        return vec_dot_type(t, cpu)
+    if runtime != "cuda":
+        raise ValueError(f"unknown runtime '{runtime}'; known: {', '.join(RUNTIMES)}")
+    tt = type_of(t)
+    return vec_dot_type(tt, cpu) if tt in (T.F32, T.F16, T.BF16) else T.Q8_0
 
 
 # the 8-bit activation types' blocks (ggml-common.h): (values per block, scale dtype, bytes before the quants)

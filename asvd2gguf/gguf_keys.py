@@ -38,6 +38,7 @@ KEY_SIZE_BPW = "asvd.size.bpw"
 KEY_SIZE_PLANNED = "asvd.size.planned"
 KEY_SIZE_LOSS = "asvd.size.loss_predicted"
 KEY_SIZE_TYPES_ONLY = "asvd.size.types_only"
+KEY_SIZE_RUNTIME = "asvd.size.runtime"
 TYPE_PREFIX = "asvd.type."  # + GGUF base name: the type asked per layer (block linears) or the tensor's type
 LOSS_PREFIX = "asvd.loss."  # + GGUF base name: predicted loss increase (nats) per layer, or of the tensor
 
@@ -69,6 +70,7 @@ def size_metadata(cfg, plan) -> dict:
         KEY_SIZE_PLANNED: (int(plan.nbytes), V.UINT64),
         KEY_SIZE_LOSS: (float(plan.predicted_loss), V.FLOAT32),
         KEY_SIZE_TYPES_ONLY: (bool(cfg.types_only), V.BOOL),
+        KEY_SIZE_RUNTIME: (cfg.runtime, V.STRING),
     }
     for k in LINEAR_KEYS:
         opts = [plan.choices[(i, k)] for i in range(plan.n_layer)]

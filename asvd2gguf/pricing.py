@@ -24,7 +24,8 @@ with llama.cpp's own code (ggml_lib) and dequantizing. Rank and type then compet
 
 The runtime adds an error of its own: the CPU backend multiplies a quantized weight with its input
 converted to the weight type's vec-dot type (Q8_0 for the 32-block types, Q8_1 for Q4_1/Q5_1, Q8_K
-for the K-quants; ggml_lib.vec_dot_type), so a type also costs act_cost = 0.5 sum_j diag(W^T Gg W)_j
+for the K-quants; ggml_lib.vec_dot_type; CUDA: 8 bits per 32 values for every quantized type,
+ggml_lib.input_type under --runtime cuda), so a type also costs act_cost = 0.5 sum_j diag(W^T Gg W)_j
 E[dx_j^2] with dx the input's rounding (calibrate.act_rounding_stats), added to the option's cost
 by the caller. F16 converts its input to F16, as the F16 reference does: no cost. A factored
 option pays its B's input rounding; A's input (B x, not measured) is left unpriced.

@@ -490,3 +490,21 @@ def test_chat_kld_against_itself_and_a_truncated_twin(tiny_chat_gguf, tmp_path, 
     assert same["kld"] < 1e-3 and same["same_top_p"] > 0.97
     other = chateval.chat_kld(low, base, tmp_path, ctx=128, chunks=4, threads=1)
     assert other["kld"] > 50 * max(same["kld"], 1e-5)
+
+
+def test_eval_text_base_takes_an_embedded_name(tmp_path, capsys, monkeypatch):
+    """`eval FILE --text T --base smollm2` measures KLD against the embedded model's shipped GGUF
+    (as --chat accepts the name), instead of looking for a file called smollm2."""
+    from asvd2gguf import llamacpp
+    from asvd2gguf.source import embedded_path
+
+    seen = {}
+    monkeypatch.setattr(llamacpp, "perplexity", lambda file, text, **kw: seen.update(kw) or {"ppl": 1.0})
+    ok = _tiny_gguf(tmp_path / "ok.gguf")
+    text = tmp_path / "t.txt"
+    text.write_text("some text\n")
+    code, out, err = run_cli(["eval", str(ok), "--text", str(text), "--base", "smollm2"], capsys)
+    assert code == 0, err
+    assert seen["kl_base"] == embedded_path("smollm2") and seen["kl_base"].is_file()
+    code, _, err = run_cli(["eval", str(ok), "--text", str(text), "--base", str(tmp_path / "nope.gguf")], capsys)
+    assert code == 1 and "not found" in err and "Traceback" not in err

@@ -118,6 +118,8 @@ def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tok
     (["--size", "95M", "--imatrix-out", "{out}"], "--imatrix-out is the output GGUF itself"),
     (["--ratio", "0.8", "--imatrix-out", "{out}", "--force"], "--imatrix-out is the output GGUF itself"),
     (["--size", "0.5"], "--size '0.5' must be at least 1 byte"),
+    (["--size", "95M", "--runtime", "metal"], "unknown --runtime 'metal'; use cpu or cuda"),
+    (["--ratio", "0.8", "--runtime", "cuda"], "--runtime prices a size plan's types"),
     # a folder is named as such, not sent to --force first (both outputs)
     (["--size", "95M", "--imatrix-out", "{dir}"], "is a directory; give a file name"),
     (["--ratio", "0.8", "--out", "{dir}"], "is a directory; give a file name"),
@@ -215,3 +217,32 @@ def test_a_quantized_source_keeps_its_own_blocks(arch, tiny_models, calib_text, 
         assert np.array_equal(np.asarray(out[name].data), np.asarray(src[name].data)), name
     big = convert(_cfg(tmp_path / "src.gguf", tmp_path / "big.gguf", calib_text, cache_dir, size="1G"))
     assert all(o.types == ("f16",) for o in big.plan.choices.values())
+
+
+def test_runtime_cuda_prices_finer_input_rounding(tiny_models, calib_text, cache_dir, tmp_path, monkeypatch):
+    """--runtime cuda: every option costs at most what it costs on the CPU (CUDA rounds every
+    quantized input per 32 values, the CPU per 256 for K-quants and as Q8_0/Q8_1 otherwise), a
+    K-quant strictly less; the file records the runtime."""
+    import asvd2gguf.convert as C
+
+    priced = {}
+    real = C._price_options
+
+    def spy(cfg, *a, **kw):
+        priced[cfg.runtime] = out = real(cfg, *a, **kw)
+        return out
+
+    monkeypatch.setattr(C, "_price_options", spy)
+    for runtime in ("cpu", "cuda"):
+        out = tmp_path / f"{runtime}.gguf"
+        convert(_cfg(tiny_models["llama"], out, calib_text, cache_dir, size="1M", runtime=runtime))
+        assert gguf.GGUFReader(out).fields["asvd.size.runtime"].contents() == runtime
+    cpu, cuda = priced["cpu"][0], priced["cuda"][0]
+    assert cpu.keys() == cuda.keys()
+    lower = 0
+    for key in cpu:
+        for a, b in zip(cpu[key], cuda[key], strict=True):
+            assert (a.rank, a.types) == (b.rank, b.types)
+            assert b.cost <= a.cost * (1 + 1e-9) + 1e-30, (key, a.types)
+            lower += a.types[-1].endswith("_k") and b.cost < a.cost
+    assert lower > 0

@@ -103,6 +103,17 @@ def test_vec_dot_types_are_the_cpu_backend_s(bins):
     assert {t: G.vec_dot_type(t, cpu) for t in want} == want
 
 
+def test_cuda_rounds_every_quantized_input_per_32_values(bins):
+    """input_type: cuda reads every quantized weight's input as 8 bits per 32 values (MMQ/MMVQ,
+    Q8_0's rounding), a float weight's at its own type; cpu is vec_dot_type; others are refused."""
+    cpu = G.load_cpu(bins)
+    for t in ("q8_0", "q4_1", "q5_k", "q2_k", "iq4_xs", "iq4_nl", "f16"):
+        assert G.input_type(t, "cpu", cpu) == G.vec_dot_type(t, cpu)
+        assert G.input_type(t, "cuda", cpu) == (T.F16 if t == "f16" else T.Q8_0)
+    with pytest.raises(ValueError, match="unknown runtime 'metal'"):
+        G.input_type("q4_0", "metal", cpu)
+
+
 @pytest.mark.parametrize("vt,blk", [(T.Q8_0, 32), (T.Q8_1, 32), (T.Q8_K, 256)])
 def test_activation_rounding_is_8_bit_per_block(bins, vt, blk):
     """as_vec_dot: every value within half a step of its block's scale (amax / 127), the scale of
