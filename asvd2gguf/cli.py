@@ -59,9 +59,10 @@ def convert(
                                         "model's weights (tensor data, as llama.cpp reports BPW)."),
     types_only: bool = typer.Option(D.types_only, help="With --size/--bpw: no low-rank factors, choose only a type "
                                     "per tensor (pure type allocation)."),
-    runtime: str = typer.Option(D.runtime, help="With --size/--bpw: the llama.cpp backend whose rounding of each "
-                                "matmul's input the plan prices: cpu (8 bits per 32 or, for K-quants, 256 values) "
-                                "or cuda (8 bits per 32 values for every quantized type)."),
+    runtime: Optional[str] = typer.Option(
+        D.runtime, help="With --size/--bpw: cpu | cuda, the llama.cpp backend whose rounding of each matmul's input "
+        "the plan prices (cpu: 8-bit blocks of 32 values, of 256 for K-quants; cuda: blocks of 32 for every "
+        "quantized type). Default cpu."),
     imatrix_out: Optional[Path] = typer.Option(D.imatrix_out, help="Also write the calibration's importance matrix "
                                                "for the written tensors (llama-imatrix's GGUF format), for "
                                                "llama-quantize --imatrix."),
@@ -141,7 +142,7 @@ def convert(
     console.print(f"block-linear ratio {res.ratio:.4f}, KV ratio {res.kv:.4f}, calibration perplexity "
                   f"{res.base_calib_ppl:.3f} -> {res.calib_ppl:.3f}, {res.seconds:.1f} s")
     # one line even in a pipe
-    out_console.print(f"wrote {res.out} ({format_bytes(res.out.stat().st_size)})", highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {res.out}: {format_bytes(res.out.stat().st_size)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -153,10 +154,10 @@ def inspect(file: Path = typer.Argument(..., help="A GGUF written by convert (or
 
     info = describe_gguf(file)
     t = Table(title=f"{file.name}: {info.arch}, {info.n_layer} layers (0 = dense)")
-    t.add_column("layer", justify="right")
-    for s in LINEARS:
+    t.add_column("layer", justify="right", overflow="fold")
+    for s in LINEARS:  # fold, not cut, in a narrow terminal or a pipe: a cut name is another linear's
         m, n = info.shapes[s.key]
-        t.add_column(f"{s.gguf}\n{m}x{n}", justify="right")
+        t.add_column(f"{s.gguf}\n{m}x{n}", justify="right", overflow="fold")
     for i in range(info.n_layer):
         t.add_row(str(i), *[str(info.ranks[s.key][i]) for s in LINEARS])
     out_console.print(t)
@@ -175,7 +176,7 @@ def _show_plan(file: Path, meta: dict) -> None:
     for a file that records a size plan, i.e. has asvd.size.planned)."""
     import math
 
-    from .gguf_keys import KEY_SIZE_PLANNED
+    from .gguf_keys import KEY_SIZE_PLANNED, KEY_SIZE_RUNTIME
     from .gguf_read import describe_plan
 
     if KEY_SIZE_PLANNED not in meta:
@@ -183,7 +184,7 @@ def _show_plan(file: Path, meta: dict) -> None:
     rows = describe_plan(file)
     t = Table(title=f"{file.name}: size plan (type asked -> written; loss: predicted increase, nats)")
     for col, just in (("tensor", "left"), ("rank", "right"), ("type", "left"), ("KiB", "right"), ("loss", "right")):
-        t.add_column(col, justify=just)
+        t.add_column(col, justify=just, overflow="fold")  # a cut "blk.0.att…" or "7.13e…" misleads
     for r in rows:
         written = "+".join(r.types)
         typ = r.asked if r.asked == written else f"{r.asked} -> {written}"
@@ -193,8 +194,9 @@ def _show_plan(file: Path, meta: dict) -> None:
     loss = sum(r.loss for r in rows if not math.isnan(r.loss))
     t.add_row("total", f"{sum(1 for r in rows if r.rank)} factored", "", f"{total / 1024:.1f}", f"{loss:.4f}")
     if any(r.asked == "source" for r in rows):
-        t.caption = ("source: the source GGUF's own blocks, copied; their loss is what the CPU backend's 8-bit "
-                     "rounding of the tensor's input costs (docs/method.md 4b)")
+        runtime = meta.get(KEY_SIZE_RUNTIME, "cpu")  # files before --runtime were priced for the CPU
+        t.caption = (f"source: the source GGUF's own blocks, copied; their loss is what the {runtime} backend's "
+                     "8-bit rounding of the tensor's input costs (docs/method.md 4b)")
     out_console.print(t)
     size = file.stat().st_size
     out_console.print(f"file bytes = {size} ({size / 2**20:.2f} MiB); planned = {meta[KEY_SIZE_PLANNED]}; "
@@ -335,9 +337,13 @@ def eval_cmd(
         from .llamacpp import perplexity
         from .source import EMBEDDED, embedded_path
 
-        base_file = None if not base else embedded_path(base, cache_dir) if base in EMBEDDED else Path(base)
+        if base is not None and not base.strip():
+            fail("--base is empty: give the original's GGUF or an embedded name")
+        base_file = None if base is None else embedded_path(base, cache_dir) if base in EMBEDDED else Path(base)
+        if base_file is not None and not base_file.exists() and base_file.suffix != ".gguf" and "/" not in base:
+            fail(f"--base {base}: no such file, and not an embedded model ({', '.join(EMBEDDED)})")
         if base_file is not None:
-            require_file(base_file)
+            require_file(base_file, "base file")
         res = perplexity(file, text, ctx=ctx, chunks=chunks, threads=threads, kl_base=base_file)
         for k, v in res.items():
             out_console.print(f"{k} = {v}", highlight=False)

@@ -53,7 +53,7 @@ class ConvertConfig:
     size: str | None = None  # --size: the whole file's byte budget, e.g. "95M", "1.2G", "80MiB" (parse_size)
     bpw: float | None = None  # --bpw: bits per weight over all of the original model's weights
     types_only: bool = False  # with --size / --bpw: every block linear stays dense, only types are chosen
-    runtime: str = "cpu"  # with --size / --bpw: the backend whose input rounding is priced (ggml_lib.RUNTIMES)
+    runtime: str | None = None  # with --size / --bpw: the backend whose input rounding is priced (resolved: cpu)
     imatrix_out: Path | None = None  # also write the calibration's imatrix (llama-imatrix's GGUF format)
     sigma_split: str = "uv"
     refit_tokens: int = 32768  # --refit-tokens: tokens the factors are refitted on (refit.py); 0: no refit
@@ -65,9 +65,12 @@ class ConvertConfig:
 
     def resolved(self) -> ConvertConfig:
         """This configuration with the defaults that depend on other options filled in, as a new
-        object (--ratio DEFAULT_RATIO when neither --ratio nor --ppl-target is given)."""
+        object (--ratio DEFAULT_RATIO when neither --ratio nor --ppl-target is given; a size plan's
+        --runtime cpu when none is given)."""
         if self.ratio is None and self.ppl_target is None and self.size is None and self.bpw is None:
             return replace(self, ratio=DEFAULT_RATIO)
+        if (self.size is not None or self.bpw is not None) and self.runtime is None:
+            return replace(self, runtime="cpu")  # the backend docs/results.md measured
         return self
 
 

@@ -125,9 +125,9 @@ def _validate_size(cfg: ConvertConfig) -> None:
         raise UserError("--types-only chooses types under --size or --bpw; give one of them")
     from .ggml_lib import RUNTIMES
 
-    if cfg.runtime not in RUNTIMES:
+    if cfg.runtime is not None and cfg.runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime '{cfg.runtime}'; use {' or '.join(RUNTIMES)}")
-    if cfg.runtime != "cpu" and not sized:
+    if cfg.runtime is not None and not sized:
         raise UserError("--runtime prices a size plan's types; give --size or --bpw")
     if not sized:
         return

@@ -542,7 +542,8 @@ def parse_perplexity(out: str) -> dict:
     for pattern, keys, scale in _PPL_PATTERNS:
         m = re.search(pattern, out)
         if m:
-            res.update({k: float(m.group(i + 1)) * scale for i, k in enumerate(keys)})
+            # round: the printed digits / 100 without binary noise (0.94412, not 0.9441200000000001)
+            res.update({k: round(float(m.group(i + 1)) * scale, 12) for i, k in enumerate(keys)})
     m = re.search(r"calculating perplexity over (\d+) chunks", out)
     if m:
         res["chunks"] = int(m.group(1))
@@ -620,15 +621,14 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     if ctx < 1 or (chunks is not None and chunks < 1):
         # llama-perplexity takes a missing --chunks as "the whole file": 0 must not mean that
         raise UserError(f"ctx and chunks must be at least 1 (got ctx {ctx}, chunks {chunks})")
-    if kl_base is not None and Path(kl_base).suffix == ".gguf" and Path(kl_base).is_file():
-        _check_same_vocab(model, Path(kl_base))
+    if kl_base is not None:
+        _check_kl_base(model, require_file(kl_base, "base file"))
     exe = Path(bins) / "llama-perplexity" if bins else binary("llama-perplexity")
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if kl_base is not None:
         kl_base = Path(kl_base)
-        require_file(kl_base, "base file")
         logits = kl_base
         if kl_base.suffix == ".gguf":
             logits = _kl_base_logits(exe, kl_base, text, ctx, chunks, threads, extra)
@@ -642,6 +642,21 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
         raise UserError(f"llama-perplexity on {model.name} printed no {' or '.join(missing)} summary; "
                         f"{_what_was_found(out, res)}")
     return res
+
+
+LOGITS_MAGIC = b"_logits_"  # the first bytes of llama-perplexity's --kl-divergence-base file (perplexity.cpp)
+
+
+def _check_kl_base(model: Path, base: Path) -> None:
+    """A KLD base must be a GGUF of the same vocabulary as `model` or a logits file llama-perplexity
+    wrote; UserError naming the base otherwise (llama-perplexity's own complaint blamed the model)."""
+    with open(base, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF":
+        _check_same_vocab(model, base)
+    elif head != LOGITS_MAGIC:
+        raise UserError(f"base file {base} is neither a GGUF nor a logits file of llama-perplexity "
+                        "--kl-divergence-base")
 
 
 def _what_was_found(out: str, res: dict) -> str:

@@ -397,8 +397,9 @@ def plan_size(infos: list[LinearInfo], options: Mapping[Linear | str, list[Optio
         if e.min_width > budget.max_width:
             raise UserError(f"--kv {kv:g} cannot be reached: the smallest latent cache is "
                             f"{e.min_width / budget.kv_full:.3f} of K+V") from None
+        hint = " with --types-only (without it low-rank factors are options too)" if types_only else ""
         raise UserError(f"{what} cannot be reached: the smallest possible file is "
-                        f"{format_bytes(fixed_bytes + e.min_params)}") from None
+                        f"{format_bytes(fixed_bytes + e.min_params)}{hint}") from None
     choices = {key: opts[i] for key, opts, i in zip(keys, kept, alloc.choice)}
     ranks = {key: choices[key].rank for key in lin_keys}
     lin_shapes = {(info.layer, info.key): (info.m, info.n) for info in infos}

@@ -499,6 +499,7 @@ def test_eval_text_base_takes_an_embedded_name(tmp_path, capsys, monkeypatch):
     from asvd2gguf.source import embedded_path
 
     seen = {}
+    real = llamacpp.perplexity
     monkeypatch.setattr(llamacpp, "perplexity", lambda file, text, **kw: seen.update(kw) or {"ppl": 1.0})
     ok = _tiny_gguf(tmp_path / "ok.gguf")
     text = tmp_path / "t.txt"
@@ -506,5 +507,21 @@ def test_eval_text_base_takes_an_embedded_name(tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(["eval", str(ok), "--text", str(text), "--base", "smollm2"], capsys)
     assert code == 0, err
     assert seen["kl_base"] == embedded_path("smollm2") and seen["kl_base"].is_file()
-    code, _, err = run_cli(["eval", str(ok), "--text", str(text), "--base", str(tmp_path / "nope.gguf")], capsys)
-    assert code == 1 and "not found" in err and "Traceback" not in err
+    # a wrong base is named as the base, in one line, before llama-perplexity runs
+    monkeypatch.setattr(llamacpp, "perplexity", real)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    for base, fragment in ((str(tmp_path / "nope.gguf"), "base file not found"), (str(tmp_path), "is a directory"),
+                           ("", "--base is empty"), ("smollm3", "not an embedded model (smollm2, gemma3-270m)"),
+                           (str(notes), "is neither a GGUF nor a logits file")):
+        code, _, err = run_cli(["eval", str(ok), "--text", str(text), "--base", base], capsys)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert code == 1 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, (base, err)
+
+
+def test_parsed_percentages_have_no_binary_noise():
+    """llama-perplexity's "Same top p: 94.412" is 0.94412, as printed (a new user saw 0.9441200000000001)."""
+    from asvd2gguf.llamacpp import parse_perplexity
+
+    res = parse_perplexity("Mean    KLD:   0.011160 ±   0.000268\nSame top p: 94.412 ± 0.254 %\n")
+    assert repr(res["same_top_p"]) == "0.94412" and res["kld"] == 0.01116

@@ -113,6 +113,7 @@ def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tok
     (["--size", "95M", "--quant", "q8_0"], "leave out --quant"),
     (["--bpw", "0"], "--bpw must be in"),
     (["--size", "1K"], "smallest possible file is"),
+    (["--size", "1K", "--types-only"], "with --types-only (without it low-rank factors are options too)"),
     (["--size", "1M", "--types-only", "--kv", "0.5"], "--types-only keeps every linear dense"),
     # the imatrix, written last, would replace the model (a new user's finding); also with --force
     (["--size", "95M", "--imatrix-out", "{out}"], "--imatrix-out is the output GGUF itself"),
@@ -120,6 +121,7 @@ def test_bpw(arch, tiny_models, calib_text, cache_dir, tmp_path, text_small, tok
     (["--size", "0.5"], "--size '0.5' must be at least 1 byte"),
     (["--size", "95M", "--runtime", "metal"], "unknown --runtime 'metal'; use cpu or cuda"),
     (["--ratio", "0.8", "--runtime", "cuda"], "--runtime prices a size plan's types"),
+    (["--ratio", "0.8", "--runtime", "cpu"], "--runtime prices a size plan's types"),
     # a folder is named as such, not sent to --force first (both outputs)
     (["--size", "95M", "--imatrix-out", "{dir}"], "is a directory; give a file name"),
     (["--ratio", "0.8", "--out", "{dir}"], "is a directory; give a file name"),
