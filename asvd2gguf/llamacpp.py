@@ -621,8 +621,7 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     if ctx < 1 or (chunks is not None and chunks < 1):
         # llama-perplexity takes a missing --chunks as "the whole file": 0 must not mean that
         raise UserError(f"ctx and chunks must be at least 1 (got ctx {ctx}, chunks {chunks})")
-    if kl_base is not None:
-        _check_kl_base(model, require_file(kl_base, "base file"))
+    base_is_gguf = kl_base is not None and _check_kl_base(model, require_file(kl_base, "base file"))
     exe = Path(bins) / "llama-perplexity" if bins else binary("llama-perplexity")
     cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(ctx), "-t", str(threads)]
     if chunks:
@@ -630,7 +629,7 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
     if kl_base is not None:
         kl_base = Path(kl_base)
         logits = kl_base
-        if kl_base.suffix == ".gguf":
+        if base_is_gguf:
             logits = _kl_base_logits(exe, kl_base, text, ctx, chunks, threads, extra)
         cmd += ["--kl-divergence-base", str(logits), "--kl-divergence"]
     cmd += list(extra)
@@ -647,16 +646,19 @@ def perplexity(model: Path, text: Path, ctx: int = 512, chunks: int | None = Non
 LOGITS_MAGIC = b"_logits_"  # the first bytes of llama-perplexity's --kl-divergence-base file (perplexity.cpp)
 
 
-def _check_kl_base(model: Path, base: Path) -> None:
-    """A KLD base must be a GGUF of the same vocabulary as `model` or a logits file llama-perplexity
-    wrote; UserError naming the base otherwise (llama-perplexity's own complaint blamed the model)."""
+def _check_kl_base(model: Path, base: Path) -> bool:
+    """Whether the KLD base is a GGUF (by its magic, whatever its name), after checking it is one of
+    the same vocabulary as `model` or a logits file llama-perplexity wrote; UserError naming the
+    base otherwise (llama-perplexity's own complaint blamed the model)."""
     with open(base, "rb") as f:
         head = f.read(8)
     if head[:4] == b"GGUF":
         _check_same_vocab(model, base)
-    elif head != LOGITS_MAGIC:
+        return True
+    if head != LOGITS_MAGIC:
         raise UserError(f"base file {base} is neither a GGUF nor a logits file of llama-perplexity "
                         "--kl-divergence-base")
+    return False
 
 
 def _what_was_found(out: str, res: dict) -> str:

@@ -249,6 +249,16 @@ def test_llama_perplexity_refuses_zero_chunks_and_other_vocabularies(tmp_path):
     with pytest.raises(UserError, match="other.gguf is not a base for m.gguf: their tokenizers differ"):
         llamacpp.perplexity(model, text, chunks=1, kl_base=other)
     llamacpp._check_same_vocab(model, same)  # same tokens: accepted
+    # a base is told by its bytes, not its name: a GGUF called .bin is still checked as a model
+    import shutil
+
+    renamed = tmp_path / "other.bin"
+    shutil.copy(other, renamed)
+    with pytest.raises(UserError, match="other.bin is not a base for m.gguf"):
+        llamacpp.perplexity(model, text, chunks=1, kl_base=renamed)
+    logits = tmp_path / "base.kld"
+    logits.write_bytes(llamacpp.LOGITS_MAGIC + b"rest")
+    assert llamacpp._check_kl_base(model, logits) is False and llamacpp._check_kl_base(model, same) is True
 
 
 @pytest.mark.parametrize("args,fragment", [
